@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # The main job: generate the built-in benchmark, run the baselines and write $(DEMO_OUT)/report.md with figures.
 demo: $(STAMP)
-	$(BIN)/sd_evaluate --baselines --out $(DEMO_OUT)
+	$(BIN)/sd_evaluate --out $(DEMO_OUT)
 	@echo "report written to $(DEMO_OUT)/report.md"
 
 # Every check, in order: notebooks/package/README in sync, notebook tests, pytest.

@@ -1,0 +1,69 @@
+"""End-to-end tests of the console scripts, run as a user runs them (subprocesses)."""
+import json, os, pathlib, subprocess, sys
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+BIN = pathlib.Path(sys.executable).parent
+SCRIPTS = ['sd_data', 'sd_segment', 'sd_evaluate', 'sd_bench']
+
+
+def run(*args, check=True):
+    p = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0: raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help(script):
+    p = run(script, '--help')
+    assert 'usage' in p.stdout.lower() and script in p.stdout
+
+
+def test_data_then_segment_then_read_back(tmp_path):
+    from spectraldiffusion import data
+    from spectraldiffusion.cluster import colour_kmeans_segment
+    run('sd_data', '--variant', 'multi_dsprites', '--n', 4, '--seed', 3, '--out', tmp_path / 'ds')
+    images = data.list_images(tmp_path / 'ds' / 'images')
+    assert len(images) == 4
+    run('sd_segment', '--method', 'colour_kmeans', '--k', 5, '--input', tmp_path / 'ds' / 'images', '--out', tmp_path / 'seg')
+    for p in images:
+        got = data.load_id_png(tmp_path / 'seg' / (p.stem + '.png'))
+        ref = colour_kmeans_segment(data.load_image(p)[None], k=5)[0]
+        assert torch.equal(got, ref)
+
+
+def test_segment_spectral(tmp_path):
+    pytest.importorskip('spectraldiffusion.spectral')
+    from spectraldiffusion import data
+    run('sd_data', '--variant', 'textured', '--n', 2, '--seed', 1, '--out', tmp_path / 'ds')
+    run('sd_segment', '--method', 'spectral', '--input', tmp_path / 'ds' / 'images', '--out', tmp_path / 'seg')
+    for p in data.list_images(tmp_path / 'ds' / 'images'):
+        ids = data.load_id_png(tmp_path / 'seg' / (p.stem + '.png'))
+        assert ids.shape == data.load_image(p).shape[1:] and ids.min() >= 0
+
+
+def test_segment_bad_input(tmp_path):
+    p = run('sd_segment', '--method', 'colour_kmeans', '--input', tmp_path / 'nope', '--out', tmp_path / 'o', check=False)
+    assert p.returncode != 0 and 'nope' in p.stderr
+    p = run('sd_segment', '--method', 'magic', '--input', tmp_path, '--out', tmp_path / 'o', check=False)
+    assert p.returncode != 0 and 'magic' in p.stderr
+
+
+def test_evaluate_writes_report(tmp_path):
+    run('sd_evaluate', '--out', tmp_path, '--variants', 'multi_dsprites', '--methods', 'one_segment', 'colour_kmeans', '--n', 4)
+    m = json.loads((tmp_path / 'metrics.json').read_text())
+    r = m['multi_dsprites']
+    assert set(r) == {'one_segment', 'colour_kmeans'}
+    for k in ('ari', 'fg_ari', 'mbo', 'miou', 'pq', 'sq', 'rq'): assert 0 <= r['colour_kmeans'][k] <= 1
+    assert (tmp_path / 'figures' / 'multi_dsprites.png').exists()
+    assert 'colour_kmeans' in (tmp_path / 'report.md').read_text()
+    p = run('sd_evaluate', '--out', tmp_path, '--variants', 'imagenet', check=False)
+    assert p.returncode != 0 and 'imagenet' in p.stderr
+
+
+def test_bench_metrics_quick(tmp_path):
+    run('sd_bench', 'metrics', '--quick', '--json', tmp_path / 'b.json')
+    res = json.loads((tmp_path / 'b.json').read_text())
+    assert res['benchmark'] == 'metrics' and res['quick'] is True and res['results']

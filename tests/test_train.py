@@ -1,0 +1,86 @@
+"""Training end to end: the sd_train CLI, a real kill and resume, a 2-process Accelerate run, bad configs and checkpoints."""
+import json, os, pathlib, signal, subprocess, sys, time
+import pytest
+import torch
+from safetensors.torch import load_file
+
+BIN = pathlib.Path(sys.executable).parent
+TINY = ['slots.num_slots=4', 'slots.dim=32', 'decoder.hidden=32', 'decoder.layers=1', 'data.variant=multi_dsprites',
+        'data.n_train=16', 'data.n_val=4', 'optim.batch_size=4', 'optim.warmup=2', 'log.tensorboard=false', 'log.progress=false']
+
+
+def sd(*args, check=True, **kw):
+    p = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True, timeout=900, **kw)
+    if check and p.returncode: raise AssertionError(f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def weights(run):
+    from spectraldiffusion.train import find_checkpoint
+    return load_file(find_checkpoint(run) / 'model.safetensors')
+
+
+def test_train_cli_then_segment_and_evaluate(tmp_path):
+    run = tmp_path / 'run'
+    sd('sd_train', '--config', 'demo', '--out', run, *TINY, 'optim.steps=6', 'log.checkpoint_every=3', 'log.tensorboard=true')
+    res = json.loads((run / 'train_result.json').read_text())
+    assert res['step'] == 6 and all(map(lambda v: v == v, res['train'].values()))  # finite, not NaN
+    assert list((run / 'tensorboard').glob('events.*'))
+    sd('sd_data', '--variant', 'multi_dsprites', '--n', 2, '--seed', 5, '--out', tmp_path / 'ds')
+    sd('sd_segment', '--method', 'checkpoint', '--checkpoint', run, '--input', tmp_path / 'ds' / 'images', '--out', tmp_path / 'seg')
+    assert len(list((tmp_path / 'seg').glob('*.png'))) == 2
+    sd('sd_evaluate', '--out', tmp_path / 'ev', '--checkpoint', f'tiny={run}', '--methods', 'one_segment', '--n', 3)
+    m = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+    assert set(m['multi_dsprites']) == {'one_segment', 'tiny'}
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    """SIGKILL a run after its first checkpoint, resume it, and compare with a run that was never interrupted."""
+    args = [*TINY, 'optim.steps=12', 'log.checkpoint_every=2']
+    sd('sd_train', '--config', 'demo', '--out', tmp_path / 'full', *args)
+    p = subprocess.Popen([str(BIN / 'sd_train'), '--config', 'demo', '--out', str(tmp_path / 'killed'), *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ptr = tmp_path / 'killed' / 'checkpoint.json'
+    t0 = time.time()
+    while not ptr.exists() and p.poll() is None and time.time() - t0 < 600: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    killed_at = json.loads(ptr.read_text())['step']
+    assert not (tmp_path / 'killed' / 'train_result.json').exists() or killed_at == 12
+    out = sd('sd_train', '--config', 'demo', '--out', tmp_path / 'killed', *args)
+    a, b = weights(tmp_path / 'full'), weights(tmp_path / 'killed')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / 'full' / 'train_result.json').read_text())
+    rb = json.loads((tmp_path / 'killed' / 'train_result.json').read_text())
+    assert ra['val/fg_ari'] == rb['val/fg_ari'] and ra['train'] == rb['train']
+
+
+def test_two_process_accelerate_run(tmp_path):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([str(BIN / 'accelerate'), 'launch', '--cpu', '--num_processes', '2', '--num_machines', '1',
+                        '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'spectraldiffusion.train',
+                        '--config', 'demo', '--out', str(tmp_path / 'ddp'), *TINY, 'optim.steps=4', 'log.checkpoint_every=4'],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = sorted((tmp_path / 'ddp' / 'checkpoints').glob('step_*'))
+    assert [c.name for c in ck] == ['step_00000004']
+    res = json.loads((tmp_path / 'ddp' / 'train_result.json').read_text())
+    assert res['step'] == 4 and all(v == v and abs(v) < float('inf') for v in res['train'].values())
+
+
+def test_unknown_config_key_and_bad_value(tmp_path):
+    p = sd('sd_train', '--config', 'demo', '--out', tmp_path, 'slots.num_slot=3', check=False)
+    assert p.returncode != 0 and 'slots.num_slot' in p.stderr
+    p = sd('sd_train', '--config', 'demo', '--out', tmp_path, 'optim.lr=fast', check=False)
+    assert p.returncode != 0 and 'optim.lr' in p.stderr
+    p = sd('sd_train', '--config', 'nope', '--out', tmp_path, check=False)
+    assert p.returncode != 0 and 'nope' in p.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run = tmp_path / 'run'
+    sd('sd_train', '--config', 'demo', '--out', run, *TINY, 'optim.steps=2')
+    from spectraldiffusion.train import find_checkpoint, load_model
+    (find_checkpoint(run) / 'model.safetensors').write_bytes(b'\x00' * 64)
+    with pytest.raises(ValueError, match='corrupt'): load_model(run)
+    (run / 'checkpoint.json').write_text('{not json')
+    with pytest.raises(ValueError, match='corrupt'): load_model(run)

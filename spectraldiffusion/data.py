@@ -15,11 +15,16 @@ from torch.utils.data import DataLoader, Dataset
 # %% auto #0
 __all__ = ['VARIANTS', 'SHAPES', 'SOLIDS', 'CLASS_NAMES', 'OBJECT_RANGE', 'DEFAULT_SIZE', 'DEFAULT_FRAMES', 'MIN_SIZE',
            'TEXTURES', 'CLEVR_COLOURS', 'ID_COLOURS', 'SPLITS', 'SPLIT_SIZES', 'BACKGROUND_SEGMENT_ID',
-           'IMAGE_SUFFIXES', 'check_variant', 'category_names', 'pixel_grid', 'local_coords', 'shape_mask', 'paint_ids',
-           'visible_area', 'texture', 'camera_rays', 'project', 'ray_sphere', 'ray_box', 'ray_cylinder', 'bounce',
-           'scene_options', 'make_scene', 'overlay', 'render_sample', 'BenchmarkDataset', 'make_loader', 'id_to_rgb',
-           'rgb_to_id', 'save_id_png', 'load_id_png', 'load_image', 'list_images', 'coco_categories',
-           'write_coco_panoptic', 'read_coco_panoptic', 'main', 'bench']
+           'IMAGE_SUFFIXES', 'IGNORE_INDEX', 'CITYSCAPES_LABELS', 'CITYSCAPES_CATEGORIES', 'MULTI_OBJECT_DATASETS',
+           'MULTI_OBJECT_VARIANTS', 'DATASET_KINDS', 'check_variant', 'category_names', 'pixel_grid', 'local_coords',
+           'shape_mask', 'paint_ids', 'visible_area', 'texture', 'camera_rays', 'project', 'ray_sphere', 'ray_box',
+           'ray_cylinder', 'bounce', 'scene_options', 'make_scene', 'overlay', 'render_sample', 'BenchmarkDataset',
+           'make_loader', 'id_to_rgb', 'rgb_to_id', 'save_id_png', 'load_id_png', 'load_image', 'list_images',
+           'coco_categories', 'write_coco_panoptic', 'read_coco_panoptic', 'main', 'bench', 'nearest_index',
+           'resize_labels', 'resize_image', 'resize_item', 'crop_item', 'Resize', 'Crop', 'CenterCrop', 'RandomCrop',
+           'Compose', 'cityscapes_classes', 'CityscapesPanoptic', 'CocoPanoptic', 'crc32c', 'masked_crc32c',
+           'write_tfrecord', 'iter_tfrecord', 'tfrecord_offsets', 'BytesFeature', 'decode_example', 'encode_example',
+           'multi_object_item', 'MultiObjectTFRecord', 'load_index_png', 'VideoFolder', 'open_dataset']
 
 # %% ../nbs/00_data.ipynb #d54eb3f8
 VARIANTS = ('multi_dsprites', 'clevr_like', 'textured', 'moving')
@@ -753,3 +758,764 @@ def bench(quick: bool = False) -> dict:
         t0 = time.perf_counter(); write_coco_panoptic(ds, d); t1 = time.perf_counter(); read_coco_panoptic(d); t2 = time.perf_counter()
         res['coco'] = dict(items=len(ds), write_seconds=t1 - t0, read_seconds=t2 - t1)
     return res
+
+# %% ../nbs/00_data.ipynb #fea21485
+import gzip, os
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+# %% ../nbs/00_data.ipynb #328e31e6
+IGNORE_INDEX = 255   # `classes` value of void / unlabelled pixels in the real-dataset readers
+
+# %% ../nbs/00_data.ipynb #fa74df03
+def _size2(size, name='size') -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool): size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"{name}: expected a positive int or a (height, width) pair of positive ints, got {size!r}")
+    return int(size[0]), int(size[1])
+
+def nearest_index(n_in: int, # input length $H$
+                  n_out: int, # output length $h$
+                 ) -> torch.Tensor: # `[n_out]` long: the input pixel each output pixel copies
+    "Source index $\\lfloor (2i+1)H / 2h \\rfloor$ of each output pixel $i$ (nearest neighbour, pixel centres)."
+    return (torch.arange(n_out, dtype=torch.long) * 2 + 1) * n_in // (2 * n_out)
+
+def resize_labels(labels: torch.Tensor, # integer label maps `[...,H,W]`
+                  size, # output (height, width), or an int for a square
+                 ) -> torch.Tensor: # `[...,h,w]`, same dtype; every value is one of the input values
+    "Nearest-neighbour resize of integer label maps (no value is ever blended)."
+    h, w = _size2(size)
+    H, W = labels.shape[-2:]
+    return labels[..., nearest_index(H, h)[:, None], nearest_index(W, w)[None, :]]
+
+def resize_image(image: torch.Tensor, # float images `[...,3,H,W]` in [0,1]
+                 size, # output (height, width), or an int for a square
+                ) -> torch.Tensor: # `[...,3,h,w]` float32 in [0,1]
+    "Antialiased bilinear resize of images (values clamped back into [0,1])."
+    h, w = _size2(size)
+    lead = image.shape[:-3]
+    x = image.reshape(-1, *image.shape[-3:]).float()
+    if x.shape[-2:] != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode='bilinear', align_corners=False, antialias=True).clamp_(0, 1)
+    return x.reshape(*lead, *x.shape[-3:])
+
+# %% ../nbs/00_data.ipynb #60c470b0
+_LABEL_KEYS = ('instances', 'classes')
+
+def _item_hw(item) -> tuple[int, int]:
+    if not isinstance(item, dict) or 'image' not in item: raise TypeError(f"item: expected a dict with an 'image' entry, got {type(item).__name__}")
+    return tuple(item['image'].shape[-2:])
+
+def resize_item(item: dict, # `image` `[...,3,H,W]`, `instances`/`classes` `[...,H,W]`
+                size, # (height, width), or an int for a square
+               ) -> dict: # a new dict; labels resized by nearest neighbour
+    "Resize an item: bilinear (antialiased) for the image, exact nearest neighbour for the label maps."
+    _item_hw(item); size = _size2(size)
+    out = dict(item); out['image'] = resize_image(item['image'], size)
+    for k in _LABEL_KEYS:
+        if k in item: out[k] = resize_labels(item[k], size)
+    return out
+
+def crop_item(item: dict, # `image` `[...,3,H,W]`, `instances`/`classes` `[...,H,W]`
+              top: int, left: int, # window corner (pixels)
+              height: int, width: int, # window size (pixels)
+             ) -> dict: # a new dict with every map cut to the window
+    "Cut the window `[top:top+height, left:left+width]` out of the image and the label maps."
+    H, W = _item_hw(item)
+    for v, name in ((top, 'top'), (left, 'left')): _check_int(v, name, 0)
+    for v, name in ((height, 'height'), (width, 'width')): _check_int(v, name, 1)
+    if top + height > H or left + width > W:
+        raise ValueError(f"top, left, height, width: window [{top}:{top + height}, {left}:{left + width}] does not fit in the {H}×{W} image")
+    out = dict(item)
+    for k in ('image',) + _LABEL_KEYS:
+        if k in item: out[k] = item[k][..., top:top + height, left:left + width]
+    return out
+
+class Resize:
+    "Resize items: an int scales the shorter side to it (aspect kept), a (height, width) pair sets the size."
+    def __init__(self, size):
+        _size2(size)                                                         # validates
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else int(size)
+    def __call__(self, item):
+        if isinstance(self.size, tuple): return resize_item(item, self.size)
+        H, W = _item_hw(item); s = self.size
+        return resize_item(item, (s, max(1, round(W * s / H))) if H <= W else (max(1, round(H * s / W)), s))
+    def __repr__(self): return f"Resize({self.size!r})"
+
+class Crop:
+    "Cut a fixed window `[top:top+height, left:left+width]` out of every item."
+    def __init__(self, top: int, left: int, height: int, width: int): self.window = (top, left, height, width)
+    def __call__(self, item): return crop_item(item, *self.window)
+    def __repr__(self): return f"Crop{self.window}"
+
+class CenterCrop:
+    "Cut the central `size` window out of every item."
+    def __init__(self, size): self.size = _size2(size)
+    def __call__(self, item):
+        (H, W), (h, w) = _item_hw(item), self.size
+        return crop_item(item, (H - h) // 2, (W - w) // 2, h, w)
+    def __repr__(self): return f"CenterCrop({self.size})"
+
+class RandomCrop:
+    "Cut a random `size` window; the window is drawn from `(seed, item['index'])`, so it is reproducible."
+    def __init__(self, size, seed: int = 0): self.size, self.seed = _size2(size), _check_int(seed, 'seed', 0)
+    def __call__(self, item):
+        (H, W), (h, w) = _item_hw(item), self.size
+        if h > H or w > W: raise ValueError(f"size: crop {h}×{w} is larger than the {H}×{W} image")
+        rng = np.random.default_rng([self.seed, int(item.get('index', 0))])
+        return crop_item(item, int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1)), h, w)
+    def __repr__(self): return f"RandomCrop({self.size}, seed={self.seed})"
+
+class Compose:
+    "Apply transforms one after the other."
+    def __init__(self, *transforms: Callable[[dict], dict]): self.transforms = transforms
+    def __call__(self, item):
+        for t in self.transforms: item = t(item)
+        return item
+    def __repr__(self): return f"Compose{self.transforms}"
+
+# %% ../nbs/00_data.ipynb #bfbe37ac
+# (name, id, trainId, category, catId, hasInstances, ignoreInEval) of cityscapesScripts/helpers/labels.py
+CITYSCAPES_LABELS = (
+    ('unlabeled', 0, 255, 'void', 0, False, True), ('ego vehicle', 1, 255, 'void', 0, False, True),
+    ('rectification border', 2, 255, 'void', 0, False, True), ('out of roi', 3, 255, 'void', 0, False, True),
+    ('static', 4, 255, 'void', 0, False, True), ('dynamic', 5, 255, 'void', 0, False, True),
+    ('ground', 6, 255, 'void', 0, False, True), ('road', 7, 0, 'flat', 1, False, False),
+    ('sidewalk', 8, 1, 'flat', 1, False, False), ('parking', 9, 255, 'flat', 1, False, True),
+    ('rail track', 10, 255, 'flat', 1, False, True), ('building', 11, 2, 'construction', 2, False, False),
+    ('wall', 12, 3, 'construction', 2, False, False), ('fence', 13, 4, 'construction', 2, False, False),
+    ('guard rail', 14, 255, 'construction', 2, False, True), ('bridge', 15, 255, 'construction', 2, False, True),
+    ('tunnel', 16, 255, 'construction', 2, False, True), ('pole', 17, 5, 'object', 3, False, False),
+    ('polegroup', 18, 255, 'object', 3, False, True), ('traffic light', 19, 6, 'object', 3, False, False),
+    ('traffic sign', 20, 7, 'object', 3, False, False), ('vegetation', 21, 8, 'nature', 4, False, False),
+    ('terrain', 22, 9, 'nature', 4, False, False), ('sky', 23, 10, 'sky', 5, False, False),
+    ('person', 24, 11, 'human', 6, True, False), ('rider', 25, 12, 'human', 6, True, False),
+    ('car', 26, 13, 'vehicle', 7, True, False), ('truck', 27, 14, 'vehicle', 7, True, False),
+    ('bus', 28, 15, 'vehicle', 7, True, False), ('caravan', 29, 255, 'vehicle', 7, True, True),
+    ('trailer', 30, 255, 'vehicle', 7, True, True), ('train', 31, 16, 'vehicle', 7, True, False),
+    ('motorcycle', 32, 17, 'vehicle', 7, True, False), ('bicycle', 33, 18, 'vehicle', 7, True, False),
+    ('license plate', -1, -1, 'vehicle', 7, False, True))
+CITYSCAPES_CATEGORIES = ('flat', 'construction', 'object', 'nature', 'sky', 'human', 'vehicle')
+
+def cityscapes_classes(n_classes: int = 27, # 27, 19 or 7
+                      ) -> dict: # lut (label id → class, `[256]` int64), names, things, stuffs
+    "The label-id → class lookup table, class names and thing/stuff split of a Cityscapes class setting."
+    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+    labels = [l for l in CITYSCAPES_LABELS if l[1] >= 0]
+    if n_classes == 27:
+        kept = [l for l in labels if l[1] >= 7]
+        for name, i, *_ in kept: lut[i] = i - 7
+        names = tuple(l[0] for l in kept); things = tuple(l[1] - 7 for l in kept if l[5])
+    elif n_classes == 19:
+        kept = sorted((l for l in labels if not l[6]), key=lambda l: l[2])
+        for l in kept: lut[l[1]] = l[2]
+        names = tuple(l[0] for l in kept); things = tuple(l[2] for l in kept if l[5])
+    elif n_classes == 7:
+        for l in labels:
+            if not l[6]: lut[l[1]] = l[4] - 1
+        names = CITYSCAPES_CATEGORIES; things = (5, 6)
+    else: raise ValueError(f"classes: expected 27, 19 or 7 Cityscapes classes, got {n_classes!r}")
+    return dict(lut=lut, names=names, things=things, stuffs=tuple(c for c in range(len(names)) if c not in things))
+
+# %% ../nbs/00_data.ipynb #d599d6cd
+def _need_dir(path, name) -> Path:
+    path = Path(path)
+    if not path.is_dir(): raise FileNotFoundError(f"{name}: no such directory {str(path)!r}")
+    return path
+
+def _finish(item, index, transform):
+    item['index'] = index
+    return transform(item) if transform is not None else item
+
+class CityscapesPanoptic(Dataset):
+    "Cityscapes fine annotations as panoptic items (lazy), in the 27-, 19- or 7-class setting."
+    def __init__(self, root, # folder holding leftImg8bit/ and gtFine/
+                 split: str = 'val', # 'train', 'val', 'test' (any folder name under leftImg8bit/)
+                 classes: int = 27, # class setting: 27 (label ids 7–33), 19 (trainIds) or 7 (categories)
+                 transform: Callable[[dict], dict] | None = None, # applied to every item
+                ):
+        self.root = _need_dir(root, 'root')
+        self.image_dir = _need_dir(self.root / 'leftImg8bit' / split, 'root')
+        self.gt_dir = _need_dir(self.root / 'gtFine' / split, 'root')
+        self.split, self.transform = split, transform
+        spec = cityscapes_classes(classes)
+        self.n_classes, self.lut = len(spec['names']), spec['lut']
+        self.class_names, self.things, self.stuffs = spec['names'], spec['things'], spec['stuffs']
+        self.ignore_index = IGNORE_INDEX
+        self.files = sorted(self.image_dir.glob('*/*_leftImg8bit.png'))
+        if not self.files: raise FileNotFoundError(f"root: no <city>/*_leftImg8bit.png files under {str(self.image_dir)!r}")
+    def __len__(self): return len(self.files)
+    def gt_paths(self, index: int) -> tuple[Path, Path]:
+        "The labelIds and instanceIds PNGs of item `index`."
+        f = self.files[index]; stem = f.name[:-len('_leftImg8bit.png')]
+        d = self.gt_dir / f.parent.name
+        return d / f"{stem}_gtFine_labelIds.png", d / f"{stem}_gtFine_instanceIds.png"
+    def __getitem__(self, index):
+        index = _check_int(index, 'index')
+        if index < 0: index += len(self)
+        if not 0 <= index < len(self): raise IndexError(f"index: {index} out of range for {len(self)} items")
+        image = load_image(self.files[index])
+        label_path, inst_path = self.gt_paths(index)
+        label, raw = load_id_png(label_path).numpy(), load_id_png(inst_path).numpy()
+        for a, p in ((label, label_path), (raw, inst_path)):
+            if a.shape != tuple(image.shape[1:]): raise ValueError(f"root: {str(p)!r} is {a.shape}, its image {tuple(image.shape[1:])}")
+        classes = self.lut[np.minimum(label, 255)]
+        thing = (raw >= 1000) & (classes != IGNORE_INDEX)
+        ids, inv = np.unique(np.where(thing, raw, 0), return_inverse=True)
+        instances = inv.reshape(raw.shape) + (0 if ids[0] == 0 else 1)          # 1..n in increasing raw id
+        item = dict(image=image, instances=torch.from_numpy(instances.astype(np.int64)), classes=torch.from_numpy(classes),
+                    name=f"{self.files[index].parent.name}/{self.files[index].name[:-len('_leftImg8bit.png')]}")
+        return _finish(item, index, self.transform)
+    def __repr__(self): return f"CityscapesPanoptic({str(self.root)!r}, split={self.split!r}, classes={self.n_classes}, n={len(self)})"
+
+# %% ../nbs/00_data.ipynb #3c46c224
+def _coco_layout(root: Path, split):
+    "(json file, image folder, PNG folder) of a COCO panoptic folder; `split=None` also accepts the `sd_data` layout."
+    if split is None and (root / 'panoptic.json').is_file():
+        return root / 'panoptic.json', root / 'images', root / 'panoptic'
+    ann = root / 'annotations'
+    if split is None:
+        found = sorted(ann.glob('panoptic_*.json')) if ann.is_dir() else []
+        if len(found) != 1:
+            raise FileNotFoundError(f"root: expected {str(root / 'panoptic.json')!r} or one {str(ann / 'panoptic_<split>.json')!r}, "
+                                    f"found {[p.name for p in found] or 'neither'}; pass split=")
+        js = found[0]
+    else:
+        js = ann / f"panoptic_{split}.json"
+        if not js.is_file():
+            found = sorted(ann.glob(f"panoptic_{split}*.json")) if ann.is_dir() else []
+            if len(found) != 1:
+                raise FileNotFoundError(f"root: {str(js)!r} not found" + (f" (several candidates: {[p.name for p in found]})" if found else ''))
+            js = found[0]
+    name = js.stem[len('panoptic_'):]
+    images = next((d for d in (root / name, root / 'images' / name, root / 'images') if d.is_dir()), root / name)
+    return js, images, ann / f"panoptic_{name}"
+
+class CocoPanoptic(Dataset):
+    "A COCO panoptic split (official layout or an `sd_data` export) as lazy panoptic items."
+    def __init__(self, root, # dataset folder (holding annotations/ and <split>/, or panoptic.json)
+                 split: str | None = None, # e.g. 'val2017' or 'val'; None: the only split there (or the sd_data layout)
+                 transform: Callable[[dict], dict] | None = None, # applied to every item
+                ):
+        self.root = _need_dir(root, 'root')
+        self.json_path, self.image_dir, self.panoptic_dir = _coco_layout(self.root, split)
+        for d in (self.image_dir, self.panoptic_dir): _need_dir(d, 'root')
+        try: meta = json.loads(self.json_path.read_text())
+        except json.JSONDecodeError as e: raise ValueError(f"root: {str(self.json_path)!r} is not valid JSON ({e})") from None
+        for k in ('images', 'annotations', 'categories'):
+            if k not in meta: raise ValueError(f"root: {str(self.json_path)!r} has no {k!r} list")
+        self.split, self.transform, self.ignore_index = split, transform, IGNORE_INDEX
+        self.categories = meta['categories']
+        self.builtin = 'background_segment_id' in meta.get('info', {})              # written by sd_data
+        isthing = {c['id']: bool(c.get('isthing', 1)) for c in self.categories}
+        self._isthing = isthing
+        if self.builtin:
+            self.class_names = {0: 'background', **{c['id']: c['name'] for c in self.categories if isthing[c['id']]}}
+            self.things, self.stuffs = tuple(sorted(c for c in isthing if isthing[c])), (0,)
+        else:
+            self.class_names = {c['id']: c['name'] for c in self.categories}
+            self.things = tuple(sorted(c for c in isthing if isthing[c]))
+            self.stuffs = tuple(sorted(c for c in isthing if not isthing[c]))
+        bad = [c for c in isthing if not 0 <= c < IGNORE_INDEX and not self.builtin]
+        if bad: raise ValueError(f"root: category ids must lie in [0, {IGNORE_INDEX}), got {bad[:5]}")
+        anns = {a['image_id']: a for a in meta['annotations']}
+        self.entries = []
+        for e in meta['images']:
+            if e['id'] not in anns: raise ValueError(f"root: image {e['file_name']!r} has no annotation in {str(self.json_path)!r}")
+            self.entries.append((e, anns[e['id']]))
+    def __len__(self): return len(self.entries)
+    def __getitem__(self, index):
+        index = _check_int(index, 'index')
+        if index < 0: index += len(self)
+        if not 0 <= index < len(self): raise IndexError(f"index: {index} out of range for {len(self)} items")
+        e, a = self.entries[index]
+        image = load_image(self.image_dir / e['file_name'])
+        pan = load_id_png(self.panoptic_dir / a['file_name']).numpy()
+        if pan.shape != tuple(image.shape[1:]): raise ValueError(f"root: {a['file_name']!r} is {pan.shape}, its image {tuple(image.shape[1:])}")
+        segs = sorted((s['id'], s['category_id'], bool(s.get('iscrowd', 0))) for s in a['segments_info'])
+        for _, c, _ in segs:
+            if c not in self._isthing: raise ValueError(f"root: {a['file_name']!r} uses unknown category {c}")
+        sids = np.array([0] + [s for s, _, _ in segs], dtype=np.int64)          # 0: unlabelled
+        cls_lut = np.array([IGNORE_INDEX] + [(0 if self.builtin and not self._isthing[c] else c) for _, c, _ in segs], dtype=np.int64)
+        keep = [self._isthing[c] and not crowd for _, c, crowd in segs]
+        if self.builtin: inst_lut = np.array([0] + [s if k else 0 for (s, _, _), k in zip(segs, keep)], dtype=np.int64)
+        else: inst_lut = np.concatenate([[0], np.where(keep, np.cumsum(keep), 0)]).astype(np.int64)
+        pos = np.searchsorted(sids, pan)
+        unknown = (pos >= len(sids)) | (sids[np.minimum(pos, len(sids) - 1)] != pan)
+        if unknown.any(): raise ValueError(f"root: {a['file_name']!r} has segment ids {sorted(set(pan[unknown].tolist()))[:5]} missing from segments_info")
+        item = dict(image=image, instances=torch.from_numpy(inst_lut[pos]), classes=torch.from_numpy(cls_lut[pos]),
+                    name=Path(e['file_name']).stem)
+        return _finish(item, index, self.transform)
+    def __repr__(self): return f"CocoPanoptic({str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+# %% ../nbs/00_data.ipynb #97fec16e
+@lru_cache(maxsize=1)
+def _crc_tables():
+    "Byte table of CRC-32C and the two 16-bit tables that advance the register by 4 bytes."
+    t = np.arange(256, dtype=np.uint32)
+    for _ in range(8): t = np.where(t & 1, (t >> 1) ^ np.uint32(0x82F63B78), t >> 1).astype(np.uint32)
+    def advance4(v):
+        for _ in range(4): v = t[v & 0xFF] ^ (v >> 8)
+        return v
+    lo = np.arange(65536, dtype=np.uint32)
+    return t, advance4(lo), advance4(lo << np.uint32(16))
+
+_BITS = np.arange(32, dtype=np.uint32)
+
+def _gf2_apply(cols, v):
+    "Apply the GF(2) 32×32 matrix with columns `cols` `[32]` to every uint32 of `v`."
+    return np.bitwise_xor.reduce(np.where(((v[..., None] >> _BITS) & 1).astype(bool), cols, np.uint32(0)), axis=-1)
+
+@lru_cache(maxsize=None)
+def _zeros_op(k: int):
+    "Columns of $Z^{2^k}$: the register map of feeding $2^k$ zero bytes."
+    if k == 0:
+        t = _crc_tables()[0]; e = np.uint32(1) << _BITS
+        return t[e & 0xFF] ^ (e >> 8)
+    p = _zeros_op(k - 1)
+    return _gf2_apply(p, p)
+
+def crc32c(data: bytes, # bytes-like
+           lanes_min: int = 4096, # inputs shorter than this use the byte loop
+          ) -> int: # the CRC-32C of `data`
+    "CRC-32C (Castagnoli) of `data`, vectorised over chunks for long inputs."
+    a = np.frombuffer(memoryview(data), np.uint8); n = len(a)
+    t, A, B = _crc_tables()
+    if n < lanes_min:
+        crc, tl = 0xFFFFFFFF, t.tolist()
+        for b in a.tolist(): crc = tl[(crc ^ b) & 0xFF] ^ (crc >> 8)
+        return crc ^ 0xFFFFFFFF
+    L = 128                                                                  # 4-byte words per chunk
+    m = 1 << max(0, (-(-n // (4 * L)) - 1).bit_length())                    # chunks, a power of two
+    buf = np.zeros(m * 4 * L, np.uint8); buf[m * 4 * L - n:] = a             # zero padding in front
+    r = np.zeros(m, np.uint32)
+    for w in buf.view('<u4').reshape(m, L).T.copy():
+        x = r ^ w
+        r = A[x & 0xFFFF] ^ B[x >> 16]
+    k = (4 * L).bit_length() - 1
+    while len(r) > 1: r = _gf2_apply(_zeros_op(k), r[0::2]) ^ r[1::2]; k += 1
+    init, k = np.array([0xFFFFFFFF], np.uint32), 0
+    while n:                                                                 # Z^{|D|} applied to the initial register
+        if n & 1: init = _gf2_apply(_zeros_op(k), init)
+        n >>= 1; k += 1
+    return int(init[0]) ^ int(r[0]) ^ 0xFFFFFFFF
+
+def masked_crc32c(data: bytes) -> int:
+    "The TFRecord checksum: CRC-32C rotated right by 15 bits plus 0xa282ead8 (mod 2³²)."
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+# %% ../nbs/00_data.ipynb #216fc131
+def write_tfrecord(path, # file to write (parent folders are created)
+                   records: Iterable[bytes], # the records' data, e.g. serialised `Example`s
+                   compression: str | None = None, # None or 'gzip'
+                  ) -> Path:
+    "Write records in TFRecord framing (length, masked CRC of the length, data, masked CRC of the data)."
+    if compression not in (None, 'gzip'): raise ValueError(f"compression: expected None or 'gzip', got {compression!r}")
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with (gzip.open(path, 'wb') if compression == 'gzip' else open(path, 'wb')) as f:
+        for r in records:
+            head = len(r).to_bytes(8, 'little')
+            f.write(head + masked_crc32c(head).to_bytes(4, 'little') + bytes(r) + masked_crc32c(r).to_bytes(4, 'little'))
+    return path
+
+def _tfrecord_open(path, compression='auto'):
+    "Open a TFRecord file for reading (decompressing GZIP); returns (file object, compression)."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"path: no such file {str(path)!r}")
+    if compression not in ('auto', None, 'gzip'): raise ValueError(f"compression: expected 'auto', None or 'gzip', got {compression!r}")
+    if compression == 'auto':
+        with open(path, 'rb') as f: head = f.read(12)
+        if len(head) == 0 or (len(head) == 12 and int.from_bytes(head[8:], 'little') == masked_crc32c(head[:8])): compression = None
+        elif head[:2] == b'\x1f\x8b': compression = 'gzip'
+        elif head[:1] == b'\x78': raise ValueError(f"path: {str(path)!r} looks ZLIB-compressed; decompress it first, e.g. "
+                                                   f"python -c \"import sys,zlib;sys.stdout.buffer.write(zlib.decompress(open(sys.argv[1],'rb').read()))\" IN > OUT")
+        else: raise ValueError(f"path: {str(path)!r} is not a TFRecord file (no valid record header, no GZIP magic)")
+    return (gzip.open(path, 'rb') if compression == 'gzip' else open(path, 'rb')), compression
+
+def _read_record(f, path, verify: bool, offset: int | None = None) -> bytes | None:
+    "Read the record at the current position (or `offset`); None at a clean end of file."
+    if offset is not None: f.seek(offset)
+    head = f.read(12)
+    if not head: return None
+    where = f"{str(path)!r} at byte {f.tell() - len(head)}"
+    if len(head) < 12: raise ValueError(f"path: truncated record header in {where}")
+    if int.from_bytes(head[8:], 'little') != masked_crc32c(head[:8]): raise ValueError(f"path: corrupt record length (checksum mismatch) in {where}")
+    n = int.from_bytes(head[:8], 'little')
+    data = f.read(n); tail = f.read(4)
+    if len(data) < n or len(tail) < 4: raise ValueError(f"path: truncated record in {where}")
+    if verify and int.from_bytes(tail, 'little') != masked_crc32c(data): raise ValueError(f"path: corrupt record data (checksum mismatch) in {where}")
+    return data
+
+def iter_tfrecord(path, # a TFRecord file, uncompressed or GZIP
+                  verify: bool = True, # check the data checksums
+                  compression: str | None = 'auto', # 'auto', None or 'gzip'
+                 ) -> Iterator[bytes]:
+    "Iterate over the records' data of a TFRecord file."
+    f, _ = _tfrecord_open(path, compression)
+    with f:
+        while (r := _read_record(f, path, verify)) is not None: yield r
+
+def tfrecord_offsets(path, # a TFRecord file, uncompressed or GZIP
+                     n: int | None = None, # stop after this many records
+                     compression: str | None = 'auto', # 'auto', None or 'gzip'
+                    ) -> list[int]: # byte offset (in the decompressed stream) of each record
+    "Index a TFRecord file: the offset of every record (headers are checked, the data is skipped)."
+    f, _ = _tfrecord_open(path, compression); out = []
+    with f:
+        while n is None or len(out) < n:
+            pos = f.tell(); head = f.read(12)
+            if not head: break
+            if len(head) < 12 or int.from_bytes(head[8:], 'little') != masked_crc32c(head[:8]):
+                raise ValueError(f"path: corrupt or truncated record header in {str(path)!r} at byte {pos}")
+            f.seek(int.from_bytes(head[:8], 'little') + 4, 1)
+            out.append(pos)
+    return out
+
+# %% ../nbs/00_data.ipynb #6071e13e
+class BytesFeature(NamedTuple):
+    "The values of a `bytes_list` feature: all bytes concatenated (`data`) and the length of each value."
+    data: np.ndarray     # uint8 `[sum(lengths)]`
+    lengths: np.ndarray  # int64 `[n_values]`
+    def tolist(self) -> list[bytes]:
+        "The values as a list of `bytes`."
+        ends = np.cumsum(self.lengths); b = self.data.tobytes()
+        return [b[e - l:e] for e, l in zip(ends.tolist(), self.lengths.tolist())]
+    def decode_raw(self) -> np.ndarray:
+        "`[n_values, L]` uint8, like `tf.io.decode_raw` (every value must have the same length L)."
+        n = len(self.lengths)
+        if n and (self.lengths != self.lengths[0]).any(): raise ValueError("decode_raw: values have different lengths")
+        return self.data.reshape(n, -1 if n else 0)
+    @classmethod
+    def from_array(cls, a) -> BytesFeature:
+        "One value per element of the uint8 array `a` (how the multi-object datasets store pixels)."
+        a = np.ascontiguousarray(a, dtype=np.uint8).reshape(-1)
+        return cls(a, np.ones(len(a), dtype=np.int64))
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    "Decode the varint at `buf[pos]`; return (value, next position)."
+    out = shift = 0
+    while True:
+        if pos >= len(buf): raise ValueError("data: truncated varint")
+        b = buf[pos]; pos += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80: return out, pos
+        shift += 7
+        if shift > 63: raise ValueError("data: varint longer than 10 bytes")
+
+def _fields(buf: bytes, start: int, end: int):
+    "Yield (field number, wire type, value or (start, end) of a length-delimited payload) over `buf[start:end]`."
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0: v, pos = _varint(buf, pos); yield field, wire, v
+        elif wire == 1: yield field, wire, buf[pos:pos + 8]; pos += 8
+        elif wire == 5: yield field, wire, buf[pos:pos + 4]; pos += 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            if pos + n > end: raise ValueError("data: length-delimited field runs past its message")
+            yield field, wire, (pos, pos + n); pos += n
+        else: raise ValueError(f"data: unsupported protobuf wire type {wire}")
+    if pos != end: raise ValueError("data: truncated field")
+
+def _varints(b: np.ndarray) -> np.ndarray:
+    "Decode a packed run of varints (uint8 array) into int64 values, vectorised."
+    if not len(b): return np.zeros(0, np.int64)
+    ends = np.flatnonzero(b < 0x80)
+    if not len(ends) or ends[-1] != len(b) - 1: raise ValueError("data: truncated packed varint")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    pos = np.arange(len(b)) - np.repeat(starts, ends - starts + 1)
+    if pos.max() > 9: raise ValueError("data: varint longer than 10 bytes")
+    vals = (b & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
+    return np.bitwise_or.reduceat(vals, starts).view(np.int64)
+
+def _bytes_list(buf, s, e) -> BytesFeature:
+    a = np.frombuffer(buf, np.uint8, e - s, s)
+    if len(a) >= 2 and a[0] == 0x0A and a[1] < 0x80:                          # fast path: equal short values
+        L = int(a[1]); stride = L + 2
+        if len(a) % stride == 0:
+            rows = a.reshape(-1, stride)
+            if (rows[:, 0] == 0x0A).all() and (rows[:, 1] == L).all():
+                return BytesFeature(rows[:, 2:].reshape(-1).copy(), np.full(len(rows), L, np.int64))
+    parts, lens = [], []
+    for f, w, v in _fields(buf, s, e):
+        if f == 1 and w == 2: parts.append(buf[v[0]:v[1]]); lens.append(v[1] - v[0])
+    return BytesFeature(np.frombuffer(b''.join(parts), np.uint8).copy(), np.array(lens, np.int64))
+
+def _float_list(buf, s, e) -> np.ndarray:
+    a = np.frombuffer(buf, np.uint8, e - s, s)
+    if len(a) % 5 == 0 and len(a) and (a[::5] == 0x0D).all():               # fast path: unpacked floats
+        return a.reshape(-1, 5)[:, 1:].copy().view('<f4').reshape(-1).astype(np.float32)
+    out = []
+    for f, w, v in _fields(buf, s, e):
+        if f != 1: continue
+        if w == 2: out.append(np.frombuffer(buf, '<f4', (v[1] - v[0]) // 4, v[0]) if (v[1] - v[0]) % 4 == 0 else None)
+        elif w == 5: out.append(np.frombuffer(v, '<f4'))
+        else: raise ValueError(f"data: float_list value with wire type {w}")
+        if out[-1] is None: raise ValueError("data: packed float_list length is not a multiple of 4")
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+def _int64_list(buf, s, e) -> np.ndarray:
+    out = []
+    for f, w, v in _fields(buf, s, e):
+        if f != 1: continue
+        if w == 2: out.append(_varints(np.frombuffer(buf, np.uint8, v[1] - v[0], v[0])))
+        elif w == 0: out.append(np.array([v], np.uint64).view(np.int64))
+        else: raise ValueError(f"data: int64_list value with wire type {w}")
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+def decode_example(data: bytes, # a serialised `tf.train.Example`
+                  ) -> dict: # name → `BytesFeature` | float32 array | int64 array
+    "Parse a serialised `tf.train.Example` without TensorFlow."
+    if not isinstance(data, (bytes, bytearray, memoryview)): raise TypeError(f"data: expected bytes, got {type(data).__name__}")
+    buf = bytes(data); out = {}
+    for f, w, v in _fields(buf, 0, len(buf)):
+        if f != 1 or w != 2: continue                                        # Example.features
+        for f2, w2, entry in _fields(buf, *v):
+            if f2 != 1 or w2 != 2: continue                                  # Features.feature map entry
+            key, feat = '', None
+            for f3, w3, v3 in _fields(buf, *entry):
+                if f3 == 1 and w3 == 2: key = buf[v3[0]:v3[1]].decode('utf-8')
+                elif f3 == 2 and w3 == 2: feat = v3
+            kind = None
+            if feat is not None:
+                for f4, w4, v4 in _fields(buf, *feat):
+                    if w4 != 2 or f4 not in (1, 2, 3): continue
+                    kind = (_bytes_list, _float_list, _int64_list)[f4 - 1](buf, *v4)
+            out[key] = kind if kind is not None else np.zeros(0, np.float32)  # an empty Feature
+    return out
+
+def _enc_varint(v: int) -> bytes:
+    v &= (1 << 64) - 1; out = bytearray()
+    while True:
+        b = v & 0x7F; v >>= 7
+        if v: out.append(b | 0x80)
+        else: out.append(b); return bytes(out)
+
+def _ld(field: int, payload: bytes) -> bytes:
+    return _enc_varint(field << 3 | 2) + _enc_varint(len(payload)) + payload
+
+def _enc_feature(name, v) -> bytes:
+    if isinstance(v, (bytes, str)): v = [v]
+    if isinstance(v, BytesFeature):
+        if len(v.lengths) and (v.lengths == v.lengths[0]).all() and v.lengths[0] < 0x80:   # vectorised equal lengths
+            L = int(v.lengths[0]); rows = np.empty((len(v.lengths), L + 2), np.uint8)
+            rows[:, 0], rows[:, 1], rows[:, 2:] = 0x0A, L, v.data.reshape(-1, L)
+            return _ld(1, rows.tobytes())
+        v = v.tolist()
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (bytes, str)) for x in v):
+        return _ld(1, b''.join(_ld(1, x.encode() if isinstance(x, str) else x) for x in v))
+    a = np.asarray(v)
+    if a.dtype.kind == 'f': return _ld(2, _ld(1, a.astype('<f4').reshape(-1).tobytes()))
+    if a.dtype.kind in 'iub': return _ld(3, _ld(1, b''.join(_enc_varint(int(x)) for x in a.reshape(-1).tolist())))
+    raise TypeError(f"features[{name!r}]: expected bytes, str, a list of them, a BytesFeature, floats or ints, got {type(v).__name__}")
+
+def encode_example(features: dict, # name → bytes | str | list of bytes | BytesFeature | floats | ints
+                  ) -> bytes: # a serialised `tf.train.Example`
+    "Serialise a `tf.train.Example` (packed float and int64 lists, like TensorFlow)."
+    if not isinstance(features, dict): raise TypeError(f"features: expected a dict, got {type(features).__name__}")
+    entries = b''.join(_ld(1, _ld(1, str(k).encode()) + _ld(2, _enc_feature(k, v))) for k, v in features.items())
+    return _ld(1, entries)
+
+# %% ../nbs/00_data.ipynb #2d0c0d4e
+MULTI_OBJECT_DATASETS = {   # family: image size, mask axis order, background entities, class factor
+    'clevr_with_masks': dict(size=(240, 320), mask='ehw', background=1, class_factor='shape'),
+    'multi_dsprites': dict(size=(64, 64), mask='hwe', background=1, class_factor='shape'),
+    'objects_room': dict(size=(64, 64), mask='ehw', background=4, class_factor=None),
+    'tetrominoes': dict(size=(35, 35), mask='ehw', background=1, class_factor='shape'),
+}
+MULTI_OBJECT_VARIANTS = {   # variant: (family, entities, image channels)
+    'clevr_with_masks': ('clevr_with_masks', 11, 3), 'tetrominoes': ('tetrominoes', 4, 3),
+    'multi_dsprites_colored_on_colored': ('multi_dsprites', 5, 3), 'multi_dsprites_colored_on_grayscale': ('multi_dsprites', 6, 3),
+    'multi_dsprites_binarized': ('multi_dsprites', 4, 1), 'objects_room_train': ('objects_room', 7, 3),
+    'objects_room_six_objects': ('objects_room', 10, 3), 'objects_room_empty_room': ('objects_room', 4, 3),
+    'objects_room_identical_color': ('objects_room', 10, 3),
+}
+
+def _multi_object_spec(dataset):
+    if dataset in MULTI_OBJECT_DATASETS: return dataset, None, None
+    if dataset in MULTI_OBJECT_VARIANTS: return MULTI_OBJECT_VARIANTS[dataset]
+    raise ValueError(f"dataset: expected one of {', '.join(sorted({**MULTI_OBJECT_DATASETS, **MULTI_OBJECT_VARIANTS}))}, got {dataset!r}")
+
+def _raw_bytes(ex, key, where):
+    if key not in ex: raise ValueError(f"{where}: the example has no {key!r} feature (features: {sorted(ex)})")
+    v = ex[key]
+    if not isinstance(v, BytesFeature): raise ValueError(f"{where}: feature {key!r} is not a bytes list")
+    return v.data
+
+def multi_object_item(example: dict, # a decoded `Example` (`decode_example`)
+                      dataset: str, # a key of `MULTI_OBJECT_DATASETS` or `MULTI_OBJECT_VARIANTS`
+                     ) -> dict: # image `[3,H,W]`, instances and classes `[H,W]`
+    "Turn one decoded multi-object `Example` into an item (see the table above)."
+    family, want_e, want_c = _multi_object_spec(dataset)
+    spec = MULTI_OBJECT_DATASETS[family]; (H, W), where = spec['size'], f"dataset={dataset!r}"
+    img, mask = _raw_bytes(example, 'image', where), _raw_bytes(example, 'mask', where)
+    C, E = len(img) / (H * W), len(mask) / (H * W)
+    if C not in (1, 3) or (want_c and C != want_c): raise ValueError(f"{where}: 'image' has {len(img)} bytes, expected {H}×{W}×{want_c or '1 or 3'}")
+    if E != int(E) or E < 1 or (want_e and E != want_e): raise ValueError(f"{where}: 'mask' has {len(mask)} bytes, expected {want_e or 'E'}×{H}×{W}")
+    C, E = int(C), int(E)
+    image = torch.from_numpy(img.reshape(H, W, C).transpose(2, 0, 1).astype(np.float32) / 255).expand(3, H, W).contiguous()
+    m = mask.reshape(E, H, W) if spec['mask'] == 'ehw' else mask.reshape(H, W, E).transpose(2, 0, 1)
+    owner, covered = m.argmax(0), m.max(0) > 0
+    nb = spec['background']
+    instances = np.where(covered & (owner >= nb), owner - nb + 1, 0).astype(np.int64)
+    code = np.zeros(E, np.int64)
+    if spec['class_factor'] is not None:
+        f = example.get(spec['class_factor'])
+        f = f.data if isinstance(f, BytesFeature) else f
+        if f is None or len(f) != E: raise ValueError(f"{where}: expected a {spec['class_factor']!r} factor with {E} values")
+        code = np.rint(np.asarray(f, np.float64)).astype(np.int64)
+    cls_of = np.concatenate([np.zeros(nb, np.int64), 1 + code[nb:]])
+    classes = np.where(covered, cls_of[owner], IGNORE_INDEX)
+    return dict(image=image, instances=torch.from_numpy(instances), classes=torch.from_numpy(classes.astype(np.int64)))
+
+def _guess_multi_object(path: Path) -> str:
+    name = path.name.lower()
+    for k in sorted({**MULTI_OBJECT_VARIANTS, **MULTI_OBJECT_DATASETS}, key=len, reverse=True):
+        if k in name: return k
+    raise ValueError(f"dataset: cannot tell the multi-object dataset from the file name {path.name!r}; pass dataset= "
+                     f"(one of {', '.join(sorted({**MULTI_OBJECT_DATASETS, **MULTI_OBJECT_VARIANTS}))})")
+
+class MultiObjectTFRecord(Dataset):
+    "A DeepMind multi-object TFRecord file (CLEVR with masks, Multi-dSprites, …) as lazy items, without TensorFlow."
+    def __init__(self, path, # the .tfrecords file (GZIP or uncompressed)
+                 dataset: str | None = None, # family or variant name; None: guessed from the file name
+                 n: int | None = None, # use only the first n records
+                 verify: bool = True, # check every record's data checksum
+                 transform: Callable[[dict], dict] | None = None, # applied to every item
+                 compression: str | None = 'auto', # 'auto', None or 'gzip'
+                ):
+        self.path = Path(path)
+        if not self.path.is_file(): raise FileNotFoundError(f"path: no such file {str(self.path)!r}")
+        self.dataset = _guess_multi_object(self.path) if dataset is None else dataset
+        _multi_object_spec(self.dataset)
+        if n is not None: _check_int(n, 'n', 1)
+        self.verify, self.transform, self.compression = verify, transform, compression
+        self.offsets = tfrecord_offsets(self.path, n, compression)
+        self.ignore_index, self._files = IGNORE_INDEX, {}
+        family = _multi_object_spec(self.dataset)[0]
+        self.stuffs, self.things = (0,), ((1,) if MULTI_OBJECT_DATASETS[family]['class_factor'] is None else None)
+    def __len__(self): return len(self.offsets)
+    def _file(self):
+        f = self._files.get(os.getpid())                                     # one handle per (worker) process
+        if f is None: f = self._files[os.getpid()] = _tfrecord_open(self.path, self.compression)[0]
+        return f
+    def record(self, index: int) -> bytes:
+        "The raw data of record `index`."
+        index = _check_int(index, 'index')
+        if index < 0: index += len(self)
+        if not 0 <= index < len(self): raise IndexError(f"index: {index} out of range for {len(self)} items")
+        return _read_record(self._file(), self.path, self.verify, self.offsets[index])
+    def example(self, index: int) -> dict:
+        "The decoded `Example` of record `index` (all factors, raw)."
+        return decode_example(self.record(index))
+    def __getitem__(self, index):
+        item = multi_object_item(self.example(index), self.dataset)
+        return _finish(item, index if index >= 0 else index + len(self), self.transform)
+    def __getstate__(self): return {**self.__dict__, '_files': {}}
+    def __del__(self):
+        for f in getattr(self, '_files', {}).values(): f.close()
+    def __repr__(self): return f"MultiObjectTFRecord({str(self.path)!r}, dataset={self.dataset!r}, n={len(self)})"
+
+# %% ../nbs/00_data.ipynb #d8f799c5
+def load_index_png(path) -> torch.Tensor:
+    "Read an indexed (palette) or greyscale PNG as its index map `[H,W]` (long); RGB files are refused."
+    im = _open(path, 'path')
+    if im.mode not in ('P', 'L'): raise ValueError(f"path: {str(path)!r} has PNG mode {im.mode}; expected an indexed (palette) or greyscale PNG")
+    return torch.from_numpy(np.asarray(im).astype(np.int64))
+
+class VideoFolder(Dataset):
+    "DAVIS / YouTube-VOS style video folders (`JPEGImages/<seq>/`, `Annotations/<seq>/`) as frame or clip items."
+    def __init__(self, root, # dataset folder holding JPEGImages/ and Annotations/
+                 split: str | None = None, # read the sequence list ImageSets/*/<split>.txt; None: every sequence
+                 mode: str = 'frame', # 'frame' (one item per annotated frame) or 'clip'
+                 clip_len: int | None = None, # frames per clip in 'clip' mode (None: whole sequences)
+                 resolution: str = '480p', # the resolution level under JPEGImages/, used when it exists
+                 transform: Callable[[dict], dict] | None = None, # applied to every item
+                ):
+        self.root = _need_dir(root, 'root')
+        jpeg, ann = _need_dir(self.root / 'JPEGImages', 'root'), _need_dir(self.root / 'Annotations', 'root')
+        if (jpeg / resolution).is_dir(): jpeg, ann = jpeg / resolution, _need_dir(ann / resolution, 'root')
+        if mode not in ('frame', 'clip'): raise ValueError(f"mode: expected 'frame' or 'clip', got {mode!r}")
+        if clip_len is not None:
+            if mode != 'clip': raise ValueError("clip_len: only with mode='clip'")
+            _check_int(clip_len, 'clip_len', 1)
+        self.image_dir, self.ann_dir, self.mode, self.clip_len, self.transform = jpeg, ann, mode, clip_len, transform
+        self.ignore_index, self.things, self.stuffs, self.class_names = IGNORE_INDEX, (1,), (0,), {0: 'background', 1: 'object'}
+        if split is None: seqs = sorted(p.name for p in jpeg.iterdir() if p.is_dir())
+        else:
+            lists = sorted((self.root / 'ImageSets').glob(f"*/{split}.txt")) + sorted((self.root / 'ImageSets').glob(f"{split}.txt"))
+            if not lists: raise FileNotFoundError(f"split: no {str(self.root / 'ImageSets' / '*' / f'{split}.txt')!r}")
+            seqs = [s.strip() for s in lists[0].read_text().split() if s.strip()]
+        if not seqs: raise FileNotFoundError(f"root: no sequence folders in {str(jpeg)!r}")
+        self.sequences = {}
+        for s in seqs:
+            frames = list_images(_need_dir(jpeg / s, 'root'))
+            self.sequences[s] = [(f, ann / s / (f.stem + '.png')) for f in frames]
+        if mode == 'frame':
+            self.items = [(s, [i]) for s, fr in self.sequences.items() for i, (_, a) in enumerate(fr) if a.is_file()]
+        else:
+            self.items = []
+            for s, fr in self.sequences.items():
+                T = len(fr) if clip_len is None else clip_len
+                self.items += [(s, list(range(t, t + T))) for t in range(0, len(fr) - T + 1, T)]
+        if not self.items: raise FileNotFoundError(f"root: no annotated frames under {str(ann)!r}" if mode == 'frame' else f"clip_len: no sequence has {clip_len} frames")
+    def __len__(self): return len(self.items)
+    def _frame(self, img_path, ann_path):
+        image = load_image(img_path)
+        if not ann_path.is_file():
+            z = torch.zeros(image.shape[1:], dtype=torch.long)
+            return image, z, z + IGNORE_INDEX
+        idx = load_index_png(ann_path)
+        if idx.shape != image.shape[1:]: raise ValueError(f"root: {str(ann_path)!r} is {tuple(idx.shape)}, its frame {tuple(image.shape[1:])}")
+        void = idx == 255
+        return image, torch.where(void, 0, idx), torch.where(void, IGNORE_INDEX, (idx > 0).long())
+    def __getitem__(self, index):
+        index = _check_int(index, 'index')
+        if index < 0: index += len(self)
+        if not 0 <= index < len(self): raise IndexError(f"index: {index} out of range for {len(self)} items")
+        seq, ts = self.items[index]
+        frames = [self._frame(*self.sequences[seq][t]) for t in ts]
+        if self.mode == 'frame': (image, inst, cls), = frames; name = f"{seq}/{self.sequences[seq][ts[0]][0].stem}"
+        else: image, inst, cls = (torch.stack(x) for x in zip(*frames)); name = f"{seq}/{ts[0]}"
+        return _finish(dict(image=image, instances=inst, classes=cls, name=name), index, self.transform)
+    def __repr__(self): return f"VideoFolder({str(self.root)!r}, mode={self.mode!r}, clip_len={self.clip_len}, n={len(self)})"
+
+# %% ../nbs/00_data.ipynb #b18c6f15
+DATASET_KINDS = ('builtin', 'coco', 'cityscapes', 'tfrecord', 'video')
+
+def _detect(p: Path) -> str:
+    if p.is_file():
+        if '.tfrecord' in p.name.lower(): return 'tfrecord'
+        raise ValueError(f"path_or_spec: {str(p)!r} is a file but not a .tfrecord(s) file")
+    if (p / 'panoptic.json').is_file() or list(p.glob('annotations/panoptic_*.json')): return 'coco'
+    if (p / 'leftImg8bit').is_dir() and (p / 'gtFine').is_dir(): return 'cityscapes'
+    if (p / 'JPEGImages').is_dir() and (p / 'Annotations').is_dir(): return 'video'
+    raise ValueError(f"path_or_spec: cannot tell the dataset format of {str(p)!r}; looked for a .tfrecord(s) file, "
+                     f"panoptic.json (sd_data), annotations/panoptic_<split>.json (COCO), leftImg8bit/ + gtFine/ (Cityscapes), "
+                     f"JPEGImages/ + Annotations/ (DAVIS-style video); prefix the path with one of {', '.join(k + ':' for k in DATASET_KINDS)} "
+                     f"or name a built-in variant ({', '.join(VARIANTS)})")
+
+def open_dataset(path_or_spec, # a path, 'kind:path', or a built-in variant name
+                 split: str | None = None, # the split to read (reader default when None)
+                 **kw, # further reader arguments (transform=, classes=, dataset=, n=, mode=, …)
+                ) -> Dataset:
+    "Open a dataset of panoptic items from a folder or file, detecting its format."
+    if not isinstance(path_or_spec, (str, os.PathLike)): raise TypeError(f"path_or_spec: expected a path or a string, got {type(path_or_spec).__name__}")
+    spec, kind = str(path_or_spec), None
+    head, sep, rest = spec.partition(':')
+    if sep and head in DATASET_KINDS: kind, spec = head, rest
+    if kind == 'builtin' or (kind is None and spec in VARIANTS and not Path(spec).exists()):
+        if kw.get('transform') is not None: raise ValueError("transform: the built-in benchmark takes no transform; set its size with image_size=")
+        return BenchmarkDataset(spec, split or 'test', **{k: v for k, v in kw.items() if k != 'transform'})
+    p = Path(spec)
+    if not p.exists(): raise FileNotFoundError(f"path_or_spec: no such file or directory {spec!r}")
+    kind = kind or _detect(p)
+    if kind == 'tfrecord':
+        if split is not None: raise ValueError("split: a TFRecord file is one split; pass the file of the split you want")
+        return MultiObjectTFRecord(p, **kw)
+    if kind == 'coco': return CocoPanoptic(p, split, **kw)
+    if kind == 'cityscapes': return CityscapesPanoptic(p, split or 'val', **kw)
+    return VideoFolder(p, split, **kw)

@@ -35,7 +35,7 @@ sync: $(STAMP)
 	PATH=$(BIN):$$PATH bash tools/check_sync.sh
 
 nbtest: $(STAMP)
-	PATH=$(BIN):$$PATH $(BIN)/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 PATH=$(BIN):$$PATH $(BIN)/nbdev_test --n_workers 2
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q tests/

@@ -6,14 +6,15 @@
 from __future__ import annotations
 import math
 import os
+import statistics
 import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['FACTOR_MAX', 'MAMBA2_KEYS', 'SCAN_MODES', 'segsum', 'ssd_sequential', 'ssd', 'RMSNormGated', 'Mamba2', 'scan_orders',
-           'Scan2D', 'bench']
+__all__ = ['FACTOR_MAX', 'SEGMENT_BYTES', 'MAMBA2_KEYS', 'SCAN_MODES', 'segsum', 'ssd_sequential', 'ssd', 'RMSNormGated',
+           'Mamba2', 'scan_orders', 'Scan2D', 'bench']
 
 # %% ../nbs/04_ssm.ipynb #cf7070fe
 try:  # mamba-ssm's Triton kernels (the optional `gpu` extra); they only import where CUDA is present
@@ -77,33 +78,59 @@ def ssd_sequential(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ i
 
 # %% ../nbs/04_ssm.ipynb #83569f01
 FACTOR_MAX = 40.0 # largest total log decay of a chunk for which `ssd` factorises e^{Ā_t-Ā_s} = e^{Ā_t}·e^{-Ā_s}
+SEGMENT_BYTES = 1 << 20 # CPU: `ssd` runs a few chunks at a time so that each temporary stays about this small
 
-def _chunked(t, c, Q, transpose=False):
-    "`[b,l,h,d]` → contiguous `[b,h,c,Q,d]` (`[b,h,c,d,Q]` if `transpose`), zero-padded to `c*Q` steps."
-    b, l, h, d = t.shape
-    if c * Q > l: t = F.pad(t, (0, 0, 0, 0, 0, c * Q - l))
-    t = t.view(b, c, Q, h, d)
-    return (t.permute(0, 3, 1, 4, 2) if transpose else t.permute(0, 3, 1, 2, 4)).contiguous()
+def _pass_states(S, e, state, H=None):
+    "Step 3: `H_{k+1} = e_k H_k + S_k` over the chunks of `S [b,h,K,P]` from `state [b,h,P]`; returns (`H [b,h,K,P]`, next state)."
+    if H is None:                                                                     # autograd-friendly: new tensors
+        Hs = []
+        for S_k, e_k in zip(S.unbind(2), e.unbind(2)):
+            Hs.append(state)
+            state = torch.addcmul(S_k, state, e_k)
+        return torch.stack(Hs, 2), state
+    Hl, Sl, el = H.unbind(2), S.unbind(2), e.unbind(2)                                # no autograd: write into H
+    Hl[0].copy_(state)
+    for k in range(len(Hl) - 1): torch.addcmul(Sl[k], Hl[k], el[k], out=Hl[k + 1])
+    return H, torch.addcmul(Sl[-1], Hl[-1], el[-1])
 
-def _pass_states(S, S0, a):
-    "Step 3: `H_{c+1} = exp(a_c) H_c + S_c` for chunk states `S [b,h,c,P]` from `S0 [b,h,P]`; returns (`H [b,h,c,P]`, final)."
-    Hs, state = [], S0
-    for S_k, e_k in zip(S.unbind(2), a.exp()[..., None].unbind(2)):
-        Hs.append(state)
-        state = torch.addcmul(S_k, state, e_k)
-    return torch.stack(Hs, 2), state
+def _ssd_segment(Xv, Bv, Cv, Acs, eA, eAn, eEnd, state, floor, buf):
+    "Steps 1-4 for `K` consecutive chunks: views `[b,h,K,Q,·]`, decays `[b,h,K,Q]`; returns (`Y [b,h,K*Q,p]`, next state)."
+    b, h, K, Q, p = Xv.shape; n = Bv.shape[-1]
+    o = (lambda name, *shape: None) if buf is None else buf                        # out= buffers (None: autograd)
+    BT = Bv.transpose(-1, -2).contiguous() if buf is None else o('BT', b, h, K, n, Q).copy_(Bv.transpose(-1, -2))
+    Cd = torch.mul(eA[..., None], Cv, out=o('Cd', b, h, K, Q, n)).reshape(-1, Q, n)     # C_t e^{Ā_t}, also used in step 4
+    if eAn is not None:
+        # 1.+2. factorised: e^{Ā_t - Ā_s} = e^{Ā_t} e^{-Ā_s}, both factors within [e^-40, e^40]
+        Xs = torch.mul(eAn[..., None], Xv, out=o('Xs', b, h, K, Q, p)).reshape(-1, Q, p)  # x_s e^{-Ā_s}
+        G = torch.bmm(Cd, BT.view(-1, n, Q), out=o('G', b * h * K, Q, Q)).tril_()
+        Y = torch.bmm(G, Xs, out=o('Y', b * h * K, Q, p))
+        S = torch.bmm(BT.view(-1, n, Q), Xs, out=o('S', b * h * K, n, p)).view(b, h, K, n * p)
+    else:
+        # 1. diagonal blocks with the decay matrix of differences; 2. the state each chunk leaves behind
+        Xc = Xv.reshape(-1, Q, p)
+        Lm = (Acs[..., :, None] - Acs[..., None, :]).tril_().clamp_(min=floor).exp_()       # 1 above the diagonal
+        Y = torch.bmm((torch.bmm(Cv.reshape(-1, Q, n), BT.view(-1, n, Q)).tril_().view(b, h, K, Q, Q) * Lm).view(-1, Q, Q), Xc)
+        S = torch.bmm((BT * (Acs[..., -1:] - Acs).clamp_(min=floor).exp_()[..., None, :]).view(-1, n, Q), Xc).view(b, h, K, n * p)
+    if eAn is not None: S = torch.mul(S, eEnd[..., None], out=None if buf is None else S)   # × e^{Ā_end}: the chunk's state
+    HT, state = _pass_states(S, eEnd[..., None], state, o('H', b, h, K, n * p))
+    return Y.baddbmm_(Cd, HT.view(-1, n, p)).view(b, h, K * Q, p), state
 
 # %% ../nbs/04_ssm.ipynb #b288dbbf
+def _auto_chunk(n, p):
+    "Default chunk length: the smallest power of two ≥ √(n·p), within [16, 64] (balances the Q×Q blocks and the states)."
+    return int(min(64, max(16, 2 ** math.ceil(math.log2(n * p) / 2))))
+
 def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2 block)
         A: torch.Tensor, # `[b,l,h]` log decay per step, ≤ 0
         B: torch.Tensor, # `[b,l,h,n]`, or `[b,l,g,n]` with `g` dividing `h` (groups of heads share B)
         C: torch.Tensor, # `[b,l,h,n]` or `[b,l,g,n]`, like `B`
-        chunk_size: int = 64, # chunk length Q; the result does not depend on it
+        chunk_size: int | None = None, # chunk length Q (None: from n and p, see `_auto_chunk`); the result does not depend on it
         initial_states: torch.Tensor | None = None, # `[b,h,p,n]` state before the first step (zeros if None)
         return_final_states: bool = False, # also return the state after the last step
        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: # `Y [b,l,h,p]` in X's dtype (and the final state `[b,h,p,n]`)
     "Mamba-2's SSD chunked scan: the same map as `ssd_sequential`, computed in parallel over chunks."
     b, l, h, p, g, n = _check_ssd_inputs(X, A, B, C, initial_states)
+    if chunk_size is None: chunk_size = _auto_chunk(n, p)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     if not bool(((A <= 0) & (A > -math.inf)).all()):
@@ -113,29 +140,32 @@ def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2
     X, A, B, C = X.to(wd), A.to(wd), _heads(B, h).to(wd), _heads(C, h).to(wd)
     floor = math.log(torch.finfo(wd).tiny) + 1                                       # keeps exp() out of subnormals
     Q = min(chunk_size, l); c = -(-l // Q)
-    Xc, Cc, BcT = _chunked(X, c, Q), _chunked(C, c, Q), _chunked(B, c, Q, transpose=True)   # [b,h,c,Q,p], [b,h,c,Q,n], [b,h,c,n,Q]
-    Ap = F.pad(A, (0, 0, 0, c * Q - l)) if c * Q > l else A
-    Acs = Ap.view(b, c, Q, h).permute(0, 3, 2, 1).contiguous().cumsum(-2).transpose(-1, -2)  # [b,h,c,Q] within chunks
-    upper = torch.ones(Q, Q, dtype=torch.bool, device=X.device).triu_(1)
-    Cd = Cc * Acs.clamp(min=floor).exp()[..., None]                                  # C_t e^{Ā_t}, also used in step 4
-    if bool(Acs[..., -1].min() >= -FACTOR_MAX):
-        # 1.+2. factorised: e^{Ā_t - Ā_s} = e^{Ā_t} e^{-Ā_s}, both factors within [e^-40, e^40]
-        Bs = BcT * (-Acs).exp()[..., None, :]                                          # B_s e^{-Ā_s}, [b,h,c,n,Q]
-        Y = (Cd @ Bs).masked_fill_(upper, 0) @ Xc                                      # [b,h,c,Q,p]
-        ST = (Bs @ Xc) * Acs[..., -1].exp()[..., None, None]                           # [b,h,c,n,p]
-    else:
-        # 1. diagonal blocks with the decay matrix of differences
-        Lm = (Acs[..., :, None] - Acs[..., None, :]).masked_fill_(upper, 0).clamp_(min=floor).exp_()
-        Y = ((Cc @ BcT).masked_fill_(upper, 0) * Lm) @ Xc
-        # 2. state each chunk leaves behind (kept transposed, [n,p], so step 4 reads it contiguously)
-        ST = (BcT * (Acs[..., -1:] - Acs).clamp_(min=floor).exp_()[..., None, :]) @ Xc
-    # 3. pass states from chunk to chunk
-    S0 = ST.new_zeros(b, h, n * p) if initial_states is None else initial_states.to(wd).transpose(-1, -2).reshape(b, h, n * p)
-    HT, final = _pass_states(ST.flatten(-2), S0, Acs[..., -1].clamp(min=floor))
-    # 4. state to output, added in place to the diagonal part
-    Y = Y.view(-1, Q, p).baddbmm_(Cd.view(-1, Q, n), HT.view(-1, n, p)).view(b, h, c * Q, p)
+    Ap = F.pad(A, (0, 0, 0, c * Q - l)) if c * Q > l else A                          # padding: A = 0 keeps the state
+    Acs = Ap.view(b, c, Q, h).permute(0, 3, 1, 2).cumsum(-1)                          # [b,h,c,Q]: Ā within chunks
+    eA, eEnd = Acs.clamp(min=floor).exp(), Acs[..., -1].clamp(min=floor).exp()      # e^{Ā_t}, e^{Ā_end}
+    eAn = (-Acs).exp() if bool(Acs[..., -1].min() >= -FACTOR_MAX) else None          # e^{-Ā_s} when it is safe
+    state = X.new_zeros(b, h, n * p) if initial_states is None else initial_states.to(wd).transpose(-1, -2).reshape(b, h, n * p)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (X, A, B, C, state))
+    K = c if grad or X.device.type != 'cpu' else max(1, min(c, SEGMENT_BYTES // (X.element_size() * b * h * Q * max(p, n, Q))))
+    store = {}
+    def buf(name, *shape):                                                            # one buffer per role, reused by every segment
+        if name not in store: store[name] = X.new_empty(math.prod(shape))
+        return store[name][:math.prod(shape)].view(shape)
+    Ys = [] if grad or K == c else None
+    out = None if Ys is not None else X.new_empty(b, h, c * Q, p)
+    for k0 in range(0, c, K):
+        k1 = min(c, k0 + K); s0, s1 = k0 * Q, min(l, k1 * Q)
+        Xk, Bk, Ck = X[:, s0:s1], B[:, s0:s1], C[:, s0:s1]
+        if s1 - s0 < (k1 - k0) * Q:                                                   # zero-pad the last chunk: x = B = C = 0
+            Xk, Bk, Ck = (F.pad(t, (0, 0, 0, 0, 0, (k1 - k0) * Q - (s1 - s0))) for t in (Xk, Bk, Ck))
+        Xv, Bv, Cv = (t.view(b, k1 - k0, Q, h, -1).permute(0, 3, 1, 2, 4) for t in (Xk, Bk, Ck))   # [b,h,K,Q,·] views
+        Y, state = _ssd_segment(Xv, Bv, Cv, Acs[:, :, k0:k1], eA[:, :, k0:k1], None if eAn is None else eAn[:, :, k0:k1],
+                                eEnd[:, :, k0:k1], state, floor, None if grad else buf)
+        if Ys is None: out[:, :, s0:k1 * Q].copy_(Y)
+        else: Ys.append(Y)
+    Y = out if Ys is None else Ys[0] if len(Ys) == 1 else torch.cat(Ys, 2)
     Y = Y[:, :, :l].transpose(1, 2).to(out_dtype)
-    return (Y, final.view(b, h, n, p).transpose(-1, -2)) if return_final_states else Y
+    return (Y, state.view(b, h, n, p).transpose(-1, -2)) if return_final_states else Y
 
 # %% ../nbs/04_ssm.ipynb #734ca115
 class RMSNormGated(nn.Module):
@@ -347,7 +377,7 @@ def _bench(quick, chunk_sizes, repeat):
              dict(name='h4_p64_n64', b=4, L=4096, h=4, p=64, n=64, goal_fwd=5.0, goal_fwd_bwd=10.0)]
     load = lambda: [round(v, 2) for v in os.getloadavg()] if hasattr(os, 'getloadavg') else None
     out = dict(quick=quick, dtype='float32', device='cpu', threads=torch.get_num_threads(), repeat=repeat,
-               timing='best of consecutive calls (after a warm-up), forward over two rounds; *_s wall-clock, *_cpu_s process CPU time', loadavg_before=load(), cases=[])
+               timing='median of consecutive calls (after a warm-up), forward over two rounds; *_s wall-clock, *_cpu_s process CPU time', loadavg_before=load(), cases=[])
     for case in cases:
         if quick: case['L'] = 512
         b, L, h, p, n = (case[k] for k in 'bLhpn')
@@ -360,8 +390,7 @@ def _bench(quick, chunk_sizes, repeat):
             for v in leaves: v.grad = None
             fn(*leaves).backward(gY)
         fns = {'seq': ssd_sequential, **{q: (lambda q: lambda *a: ssd(*a, chunk_size=q))(q) for q in chunk_sizes}}
-        t = {(k, m): (math.inf, math.inf) for k in fns for m in ('fwd', 'fwd_bwd')}
-        best = lambda old, new: (min(old[0], new[0]), min(old[1], new[1]))
+        runs = {(k, m): [] for k in fns for m in ('fwd', 'fwd_bwd')}                  # (wall, cpu) of every timed call
         err = {}
         with torch.no_grad():
             ref = ssd_sequential(X, A, B, C)
@@ -370,10 +399,11 @@ def _bench(quick, chunk_sizes, repeat):
             for k, fn in fns.items():
                 with torch.no_grad():
                     fn(X, A, B, C)                                                    # warm-up
-                    for _ in range(repeat): t[k, 'fwd'] = best(t[k, 'fwd'], _timed(lambda: fn(X, A, B, C)))
+                    for _ in range(repeat): runs[k, 'fwd'].append(_timed(lambda: fn(X, A, B, C)))
         for k, fn in fns.items():
             if k != 'seq': fwd_bwd(fn)                                                # warm-up
-            for _ in range(repeat): t[k, 'fwd_bwd'] = best(t[k, 'fwd_bwd'], _timed(lambda: fwd_bwd(fn)))
+            for _ in range(repeat): runs[k, 'fwd_bwd'].append(_timed(lambda: fwd_bwd(fn)))
+        t = {km: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for km, v in runs.items()}
         rows = []
         for q in chunk_sizes:
             r = dict(chunk_size=q, max_rel_diff=err[q])

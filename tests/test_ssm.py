@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import spectraldiffusion.ssm as ssm_mod
 from spectraldiffusion.ssm import (FACTOR_MAX, MAMBA2_KEYS, Mamba2, RMSNormGated, Scan2D, bench, scan_orders,
                                    segsum, ssd, ssd_sequential)
 
@@ -98,6 +99,28 @@ def test_ssd_chunk_size_does_not_change_result():
     ys = [ssd(X, A, B, C, q, S0) for q in (1, 5, 16, 64, 150, 1000)]
     for y in ys[1:]:
         assert (y - ys[0]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("l,chunk,scale", [(200, 16, 1.0), (203, 16, 1.0), (150, 8, 40.0), (37, 64, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ssd_segmented_no_grad_path_equals_autograd_path(monkeypatch, l, chunk, scale, dtype):
+    "Without autograd, `ssd` runs a few chunks at a time into reused buffers: same numbers, bit for bit."
+    X, A, B, C, S0 = (t.to(dtype) for t in rand_ssd(l=l, seed=11, scale=scale))
+    monkeypatch.setattr(ssm_mod, "SEGMENT_BYTES", 3000)          # forces segments of 1-2 chunks
+    with torch.no_grad():
+        Y, fin = ssd(X, A, B, C, chunk, S0, return_final_states=True)
+    Xg = X.clone().requires_grad_()
+    Yg, fing = ssd(Xg, A, B, C, chunk, S0, return_final_states=True)   # one segment, autograd graph
+    assert torch.equal(Y, Yg.detach()) and torch.equal(fin, fing.detach())
+    Yr, finr = ssd_sequential(X.double(), A.double(), B.double(), C.double(), S0.double(), return_final_states=True)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel(Y, Yr) < tol and rel(fin, finr) < tol
+
+
+def test_ssd_default_chunk():
+    assert [ssm_mod._auto_chunk(n, p) for n, p in [(16, 32), (64, 64), (4, 4), (128, 128)]] == [32, 64, 16, 64]
+    X, A, B, C, S0 = rand_ssd(l=90, seed=12)
+    assert (ssd(X, A, B, C, initial_states=S0) - ssd_sequential(X, A, B, C, S0)).abs().max() < 1e-10
 
 
 def test_ssd_half_precision_inputs_computed_in_float32():

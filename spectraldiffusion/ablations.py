@@ -14,10 +14,11 @@ __all__ = ['ABLATIONS', 'METRICS', 'ablation_configs', 'summarise', 'markdown_ta
 ABLATIONS: dict[str, dict[str, dict]] = {
     'A1_init': {'spectral': {}, 'random': {'slots.init': 'random'}},
     'A2_slot_module': {'standard': {}, 'mamba': {'slots.variant': 'mamba'}},
-    'A3_decoder': {'mlp (features)': {}, 'broadcast (pixels)': {'decoder.kind': 'broadcast', 'decoder.hidden': 32}},
+    'A3_decoder': {'mlp (features)': {}, 'broadcast (pixels)': {'decoder.kind': 'broadcast', 'decoder.hidden': 32},
+                   'diffusion (latents)': {'decoder.kind': 'diffusion', 'decoder.vae_steps': 50}},
     'A5_identifiability': {'probabilistic': {'slots.variant': 'probabilistic'},
                            'probabilistic + KL': {'slots.variant': 'probabilistic', 'loss.kl': 0.1}},
-    'A6_scales': {},
+    'A6_scales': {'single scale': {}, 'multi-scale 4/8/16': {'spectral.scales': [4, 8, 16]}},
     'A7_pruning': {'fixed K': {}, 'adaptive': {'pruning.enabled': True}},
     'A8_iters': {'1': {'slots.iters': 1}, '3': {'slots.iters': 3}, '5': {'slots.iters': 5}},
 }
@@ -96,14 +97,19 @@ def plot_summary(name: str, summary: dict, path):
 def main(argv: list[str] | None = None):
     "Command line: `python -m spectraldiffusion.ablations NAME --out DIR [--minutes M] [--seeds 0 1 2] [key=value ...]`."
     p = argparse.ArgumentParser(prog='python -m spectraldiffusion.ablations', description='Run one ablation at equal wall-time budgets.')
-    p.add_argument('name', choices=sorted(ABLATIONS)); p.add_argument('--out', required=True)
+    p.add_argument('name', choices=sorted(ABLATIONS) + ['all'], help="an ablation, or 'all' (each in OUT/NAME, one table in OUT/table.md)")
+    p.add_argument('--out', required=True)
     p.add_argument('--base', default='demo'); p.add_argument('--minutes', type=float, default=2.0)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('overrides', nargs='*', help='key=value overrides applied to every run')
     a = p.parse_args(argv)
     extra = dict(o.split('=', 1) for o in a.overrides)
-    s = run_ablation(a.name, a.out, a.base, a.minutes, tuple(a.seeds), extra)
-    print(markdown_table(a.name, s))
+    names = sorted(ABLATIONS) if a.name == 'all' else [a.name]
+    tables = []
+    for n in names:
+        s = run_ablation(n, pathlib.Path(a.out) / n if a.name == 'all' else a.out, a.base, a.minutes, tuple(a.seeds), extra)
+        tables.append(markdown_table(n, s)); print(tables[-1], flush=True)
+    if a.name == 'all': (pathlib.Path(a.out) / 'table.md').write_text('\n\n'.join(tables) + '\n')
 
 # %% ../nbs/14_ablations.ipynb #b16da1ae
 #| eval: false

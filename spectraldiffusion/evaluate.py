@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_evaluate.ipynb #abaf71e6
 from __future__ import annotations
-import argparse, json, math, os, pathlib, sys, tempfile, time
+import argparse, json, math, os, pathlib, re, sys, tempfile, time
 from typing import Callable
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from . import data, metrics
 
 # %% auto #0
 __all__ = ['SEGMENTERS', 'get_segmenter', 'pq_from_counts', 'evaluate_segmenter', 'label_rgb', 'sample_figure', 'model_figures',
-           'available_methods', 'baseline_report', 'main']
+           'diffusion_figure', 'available_methods', 'baseline_report', 'main']
 
 # %% ../nbs/11_evaluate.ipynb #687e8e6e
 def _spectral_segmenter(**kw):
@@ -124,13 +124,12 @@ def model_figures(run, # run folder of a trained model
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from spectraldiffusion.train import load_model
-    from spectraldiffusion.model import encode, spectral_segments
     from spectraldiffusion.spectral import affinity, laplacian_eigs
     model, backbone, cfg = load_model(run)
     out_dir = pathlib.Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    tokens, grid = encode(backbone, image[None], cfg.backbone.grid)
-    segs = spectral_segments(tokens, grid, cfg.slots.num_slots, cfg, cfg.seed) if cfg.spectral.enabled else None
-    so = model.slots(tokens, segs, torch.Generator().manual_seed(0))
+    p = model.prepare(image[None], backbone)
+    tokens, grid = p['tokens'], p['grid']
+    so = model.slots(tokens, p['segments'], torch.Generator().manual_seed(0), p['prototypes'])
     T, K = len(so.attn), so.attn[0].shape[1]
     fig, axs = plt.subplots(T, K + 1, figsize=(1.3 * (K + 1), 1.3 * T), squeeze=False)
     for t in range(T):
@@ -139,7 +138,10 @@ def model_figures(run, # run folder of a trained model
     for ax in axs.flat: ax.set_xticks([]); ax.set_yticks([])
     fig.suptitle('slot attention per iteration', fontsize=8); fig.tight_layout()
     paths = [out_dir / 'attention.png']; fig.savefig(paths[0], dpi=72); plt.close(fig)
-    lam, V = laplacian_eigs(affinity(tokens, min(cfg.spectral.knn, tokens.shape[1] - 1), cfg.spectral.metric), n_vectors, 'eigh')
+    sp = cfg.spectral
+    W = affinity(tokens, min(sp.knn, tokens.shape[1] - 1), sp.metric, sp.bandwidth, sp.min_scale, sp.jitter, cfg.seed,
+                 grid=grid, grid_weight=sp.grid_weight)
+    lam, V = laplacian_eigs(W, n_vectors, 'eigh')
     fig, axs = plt.subplots(1, n_vectors + 1, figsize=(1.4 * (n_vectors + 1), 1.6))
     axs[0].imshow(image.permute(1, 2, 0).numpy())
     for i in range(n_vectors):
@@ -148,6 +150,36 @@ def model_figures(run, # run folder of a trained model
     fig.suptitle('eigenvectors of the normalized Laplacian (smallest first)', fontsize=8); fig.tight_layout()
     paths.append(out_dir / 'eigenvectors.png'); fig.savefig(paths[1], dpi=72); plt.close(fig)
     return paths
+
+# %% ../nbs/11_evaluate.ipynb #d89bbb65
+@torch.no_grad()
+def diffusion_figure(run, # run folder of a model trained with decoder.kind='diffusion'
+                     images: torch.Tensor, # `[B,3,H,W]` in [0,1]
+                     path, # the PNG to write
+                     strip: int = 4, # intermediate x̂0 estimates to show
+                     seed: int = 0, # sampling seed
+                    ) -> pathlib.Path:
+    "Input, autoencoder reconstruction, x̂0 along the DDIM run and the final sample, one row per image."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from spectraldiffusion.train import load_model
+    from spectraldiffusion.diffusion import encode_images, decode_latents
+    model, backbone, cfg = load_model(run)
+    vae = model.decoder.vae
+    sample, traj = model.generate(images, backbone, seed=seed, trajectory=True)
+    recon = decode_latents(vae, encode_images(vae, images))
+    picks = sorted(set(np.linspace(0, len(traj) - 1, min(strip, len(traj))).round().astype(int).tolist()))
+    mids = [(f"x̂0, t={traj[i]['t']}", decode_latents(vae, traj[i]['x0'])) for i in picks]
+    cols = [('input', images), ('autoencoder', recon)] + mids + [(f'sample ({len(traj)} DDIM steps)', sample)]
+    fig, axs = plt.subplots(len(images), len(cols), figsize=(1.5 * len(cols), 1.5 * len(images)), squeeze=False)
+    for r in range(len(images)):
+        for c, (name, x) in enumerate(cols):
+            axs[r, c].imshow(x[r].permute(1, 2, 0).clamp(0, 1).numpy()); axs[r, c].set_xticks([]); axs[r, c].set_yticks([])
+            if r == 0: axs[r, c].set_title(name, fontsize=7)
+    fig.suptitle('slot-conditioned latent diffusion: sampling from the slots of test images', fontsize=8); fig.tight_layout()
+    path = pathlib.Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72); plt.close(fig)
+    return path
 
 # %% ../nbs/11_evaluate.ipynb #5447d2af
 def available_methods() -> list[str]:
@@ -185,6 +217,10 @@ def _training_summary(run) -> str:
     if cj.exists(): lines.append(f"configuration: `{cj}`")
     return '; '.join(lines)
 
+def _decoder_kind(run) -> str:
+    from spectraldiffusion.train import find_checkpoint
+    return json.loads((find_checkpoint(run) / 'state.json').read_text())['state']['config']['decoder']['kind']
+
 def baseline_report(out, # output folder (created)
                     variants=None, # benchmark variants (default: all of `data.VARIANTS`)
                     methods=None, # segmenter names (default: every available one)
@@ -204,6 +240,11 @@ def baseline_report(out, # output folder (created)
         first = next(iter(checkpoints.values()))
         img = (dataset[1] if dataset is not None else data.BenchmarkDataset(variants[0], 'test', n=1))[0]['image']
         model_figures(first, img if img.ndim == 3 else img[0], out / 'figures')
+        for name, path in checkpoints.items():                                   # generation pictures for diffusion models
+            if _decoder_kind(path) == 'diffusion':
+                test = dataset[1] if dataset is not None else data.BenchmarkDataset(variants[0], 'test', n=3)
+                imgs = torch.stack([_frames({'image': test[i]['image'][None], 'instances': test[i]['instances'][None]})[0][0] for i in range(min(3, len(test)))])
+                diffusion_figure(path, imgs, out / 'figures' / f"diffusion_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.png")
     results, t0 = {}, time.time()
     suites = [dataset] if dataset is not None else [(v, data.BenchmarkDataset(v, 'test', n=n)) for v in variants]
     for v, ds in suites:

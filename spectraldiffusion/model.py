@@ -5,8 +5,9 @@
 # %% ../nbs/08_model.ipynb #221a2afb
 from __future__ import annotations
 import copy, pathlib
+import numpy as np
 from dataclasses import dataclass, field, asdict
-from typing import Any, Optional
+from typing import Any, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 import spectraldiffusion
 from .cluster import check_images
 from .features import FrozenBackbone, LocalFeatures, TimmBackbone, pool_tokens
-from .spectral import spectral_slots, segment_prototypes, split_components
+from .spectral import spectral_slots, segment_prototypes, split_components, refine_segments
 from .slots import SlotAttention, MambaSlotAttention, ProbabilisticSlotAttention, SlotOutput, identifiability_kl
 from .decoders import MLPDecoder, SpatialBroadcastDecoder, DecoderOutput
 from .losses import spectral_consistency_loss, diversity_loss
@@ -23,8 +24,8 @@ from .losses import spectral_consistency_loss, diversity_loss
 # %% auto #0
 __all__ = ['CHOICES', 'CONFIG_DIR', 'SLOT_MODULES', 'BackboneConfig', 'SpectralConfig', 'SlotsConfig', 'PruningConfig',
            'DecoderConfig', 'LossConfig', 'OptimConfig', 'DataConfig', 'LogConfig', 'Config', 'load_config',
-           'build_backbone', 'encode', 'spectral_segments', 'FeatureCache', 'SpectralDiffusionModel',
-           'attention_to_instances']
+           'build_backbone', 'encode', 'spectral_segments', 'scale_counts', 'multiscale_prototypes', 'FeatureCache',
+           'build_decoder', 'SpectralDiffusionModel', 'attention_to_instances']
 
 # %% ../nbs/08_model.ipynb #026fc3c2
 @dataclass
@@ -41,6 +42,11 @@ class SpectralConfig:
     knn: int = 10                        # neighbours in the affinity graph
     metric: str = 'euclidean'            # affinity metric: 'euclidean' (local features) or 'cosine' (ViT tokens)
     solver: str = 'subspace'             # 'subspace' | 'lobpcg' | 'eigh'
+    bandwidth: str = 'global'            # Gaussian bandwidth of the euclidean affinity: 'global' or 'local' (per-token)
+    min_scale: float = 0.02              # floor of the affinity scale (feature units)
+    jitter: float = 1e-3                 # tie-breaking noise on the tokens (feature units)
+    grid_weight: float = 1.0             # β of the 4-neighbour grid term of the affinity (0: none)
+    scales: List[int] = field(default_factory=list)  # multi-scale initial slots: grids s×s, coarse first ([]: one scale)
 
 @dataclass
 class SlotsConfig:
@@ -63,6 +69,12 @@ class DecoderConfig:
     kind: str = 'mlp'                    # 'mlp' (features, DINOSAUR) | 'broadcast' (pixels) | 'diffusion' (latents)
     hidden: int = 256                    # MLP width (mlp) or CNN channels (broadcast)
     layers: int = 3                      # hidden layers of the MLP decoder
+    vae_channels: List[int] = field(default_factory=lambda: [16, 32, 32])  # diffusion: AutoencoderKL levels (factor 2^(n-1))
+    vae_steps: int = 150                 # diffusion: autoencoder training steps before the slots train (inside the budget)
+    unet_channels: List[int] = field(default_factory=lambda: [32, 64])     # diffusion: UNet levels (cross-attention at each)
+    prediction: str = 'v_prediction'     # diffusion: 'v_prediction' | 'epsilon'
+    cond_drop: float = 0.1               # diffusion: slot dropout for classifier-free guidance
+    sample_steps: int = 10               # diffusion: DDIM steps for samples in reports
 
 @dataclass
 class LossConfig:
@@ -116,7 +128,8 @@ class Config:
 
 # %% ../nbs/08_model.ipynb #0fe25b4c
 CHOICES = {'backbone.layer': ('tokens', 'keys'), 'spectral.solver': ('subspace', 'lobpcg', 'eigh'),
-           'spectral.metric': ('euclidean', 'cosine'),
+           'spectral.metric': ('euclidean', 'cosine'), 'spectral.bandwidth': ('global', 'local'),
+           'decoder.prediction': ('v_prediction', 'epsilon'),
            'slots.variant': ('standard', 'mamba', 'probabilistic'), 'slots.init': ('spectral', 'random', 'learned'),
            'decoder.kind': ('mlp', 'broadcast', 'diffusion'), 'optim.mixed_precision': ('no', 'fp16', 'bf16')}
 CONFIG_DIR = pathlib.Path(spectraldiffusion.__file__).parent / 'configs'
@@ -131,8 +144,13 @@ def _validate(cfg: DictConfig) -> DictConfig:
         raise ValueError("config key 'spectral.enabled': slots.init='spectral' and loss.spectral > 0 need spectral segments")
     if cfg.loss.kl and cfg.slots.variant != 'probabilistic':
         raise ValueError("config key 'loss.kl': the identifiability KL needs slots.variant='probabilistic'")
-    if cfg.decoder.kind == 'diffusion':
-        raise ValueError("config key 'decoder.kind': the diffusion decoder is not wired into the composed model yet; use 'mlp' or 'broadcast'")
+    sc = list(cfg.spectral.scales)
+    if any(s < 1 for s in sc): raise ValueError(f"config key 'spectral.scales': expected positive grid sides, got {sc}")
+    if sc and cfg.slots.num_slots < len(sc):
+        raise ValueError(f"config key 'spectral.scales': {len(sc)} scales need at least as many slots, slots.num_slots={cfg.slots.num_slots}")
+    if sc and cfg.slots.init != 'spectral': raise ValueError("config key 'spectral.scales': multi-scale initial slots need slots.init='spectral'")
+    if cfg.decoder.kind == 'diffusion' and not cfg.decoder.vae_channels:
+        raise ValueError("config key 'decoder.vae_channels': the diffusion decoder needs at least one autoencoder level")
     return cfg
 
 def load_config(preset: str | None = None, # a preset name (`configs/<name>.yaml`) or a path to a YAML file
@@ -182,50 +200,94 @@ def encode(backbone: FrozenBackbone, # frozen feature extractor
     sh, sw = min(h, grid), min(w, grid)
     return pool_tokens(tokens.float(), (h, w), (sh, sw)), (sh, sw)
 
+def _spectral_kwargs(cfg: DictConfig) -> dict:
+    sp = cfg.spectral
+    return dict(knn=sp.knn, metric=sp.metric, solver=sp.solver, bandwidth=sp.bandwidth, min_scale=sp.min_scale,
+                jitter=sp.jitter, grid_weight=sp.grid_weight)
+
 @torch.no_grad()
 def spectral_segments(tokens: torch.Tensor, grid: tuple[int, int], k: int, cfg: DictConfig, seed: int = 0) -> torch.Tensor:
-    "Spectral clustering of each token grid into `k` segments → labels `[B,N]`."
-    return spectral_slots(tokens, grid, k=min(k, tokens.shape[1]), knn=cfg.spectral.knn, metric=cfg.spectral.metric,
-                          solver=cfg.spectral.solver, seed=seed)[1]
+    "Spectral clustering of each token grid into `k` segments (affinity recipe of `cfg.spectral`) → labels `[B,N]`."
+    return spectral_slots(tokens, grid, k=min(k, tokens.shape[1]), seed=seed, **_spectral_kwargs(cfg))[1]
+
+def scale_counts(k: int, n_scales: int) -> list[int]:
+    "Slots per scale: `k` split as evenly as possible, the remainder going to the finer scales."
+    return [k // n_scales + (i >= n_scales - k % n_scales) for i in range(n_scales)]
+
+@torch.no_grad()
+def multiscale_prototypes(tokens: torch.Tensor, # `[B,h*w,D]`
+                          grid: tuple[int, int], # `(h, w)`
+                          k: int, # prototypes in all (= slots)
+                          cfg: DictConfig, # uses `cfg.spectral` (scales and affinity recipe)
+                          seed: int = 0,
+                         ) -> torch.Tensor: # `[B,k,D]`, coarse scales first
+    "Mean tokens of spectral segments at the scales `cfg.spectral.scales` (each grid pooled to s×s, capped at the working grid)."
+    protos = []
+    for s, ks in zip(cfg.spectral.scales, scale_counts(k, len(cfg.spectral.scales))):
+        sg = (min(s, grid[0]), min(s, grid[1]))
+        x = pool_tokens(tokens, grid, sg)
+        protos.append(spectral_slots(x, sg, k=min(ks, x.shape[1]), seed=seed, **_spectral_kwargs(cfg))[0])
+        if protos[-1].shape[1] < ks: protos[-1] = torch.cat([protos[-1], protos[-1][:, :1].expand(-1, ks - protos[-1].shape[1], -1)], 1)
+    return torch.cat(protos, 1)
 
 # %% ../nbs/08_model.ipynb #9b4bf77f
 class FeatureCache:
     "Tokens (and spectral segments) of a dataset's images, computed once with the frozen backbone."
-    def __init__(self, tokens, grid, segments=None, images=None):
+    def __init__(self, tokens, grid, segments=None, images=None, prototypes=None, latents=None):
         self.tokens, self.grid, self.segments, self.images = tokens, tuple(grid), segments, images
+        self.prototypes, self.latents = prototypes, latents
 
     @classmethod
     def build(cls, dataset, backbone: FrozenBackbone, cfg: DictConfig, batch_size: int = 64, keep_images: bool = False, progress: bool = False):
         from tqdm.auto import tqdm
         from spectraldiffusion.data import make_loader
-        toks, segs, imgs, grid = [], [], [], None
+        toks, segs, imgs, protos, grid = [], [], [], [], None
         for batch in tqdm(make_loader(dataset, batch_size=batch_size), desc='features', disable=not progress):
             x = batch['image']
             if x.ndim == 5: x = x.flatten(0, 1)                                   # clips → frames
             t, grid = encode(backbone, x, cfg.backbone.grid)
             toks.append(t)
             if cfg.spectral.enabled: segs.append(spectral_segments(t, grid, cfg.slots.num_slots, cfg, cfg.seed))
+            if cfg.spectral.scales: protos.append(multiscale_prototypes(t, grid, cfg.slots.num_slots, cfg, cfg.seed))
             if keep_images: imgs.append(x)
-        return cls(torch.cat(toks), grid, torch.cat(segs) if segs else None, torch.cat(imgs) if keep_images else None)
+        cat = lambda xs: torch.cat(xs) if xs else None
+        return cls(torch.cat(toks), grid, cat(segs), cat(imgs), cat(protos))
 
     def __len__(self): return len(self.tokens)
 
     def batch(self, idx: torch.Tensor) -> dict:
-        "Tokens (float32), segments and images of the items `idx`."
+        "Tokens (float32) and whatever else is cached (segments, images, prototypes, latents) of the items `idx`."
         out = {'tokens': self.tokens[idx]}
-        if self.segments is not None: out['segments'] = self.segments[idx]
-        if self.images is not None: out['images'] = self.images[idx]
+        for k in ('segments', 'images', 'prototypes', 'latents'):
+            if getattr(self, k) is not None: out[k] = getattr(self, k)[idx]
         return out
 
 # %% ../nbs/08_model.ipynb #53bc4fcb
 SLOT_MODULES = {'standard': SlotAttention, 'mamba': MambaSlotAttention, 'probabilistic': ProbabilisticSlotAttention}
+
+def build_decoder(cfg: DictConfig, # the run's configuration (`cfg.decoder`, `cfg.slots.dim`)
+                  feat_dim: int, # token size (mlp target)
+                  grid: tuple[int, int], # token grid (mlp)
+                  image_size: int | None, # image side (broadcast, diffusion)
+                 ) -> nn.Module:
+    "The decoder named by `cfg.decoder.kind`: MLP on tokens, spatial broadcast on pixels, or slot-conditioned latent diffusion."
+    d, D = cfg.decoder, cfg.slots.dim
+    if d.kind == 'mlp': return MLPDecoder(D, feat_dim, tuple(grid), hidden=(d.hidden,) * d.layers)
+    if image_size is None: raise ValueError(f"image_size: decoder.kind={d.kind!r} needs the image side")
+    if d.kind == 'broadcast': return SpatialBroadcastDecoder(D, image_size, channels=d.hidden)
+    from spectraldiffusion.diffusion import make_autoencoder, make_unet, make_scheduler, SlotDiffusionDecoder
+    f = 2 ** (len(d.vae_channels) - 1)
+    if image_size % f: raise ValueError(f"config key 'decoder.vae_channels': image side {image_size} is not divisible by the autoencoder's factor {f}")
+    vae = make_autoencoder(tuple(d.vae_channels), image_size=image_size)
+    unet = make_unet(D, vae.config.latent_channels, image_size // f, tuple(d.unet_channels))
+    return SlotDiffusionDecoder(vae, unet, make_scheduler(d.prediction), cond_drop=d.cond_drop)
 
 class SpectralDiffusionModel(nn.Module):
     "Spectral initialisation → slots → pruning → decoder, with the loss terms of the configuration."
     def __init__(self, cfg: DictConfig, # the run's configuration
                  feat_dim: int, # token size of the frozen backbone
                  grid: tuple[int, int], # token grid the slots work on
-                 image_size: int | None = None, # image side (broadcast decoder)
+                 image_size: int | None = None, # image side (broadcast and diffusion decoders)
                 ):
         super().__init__()
         self.cfg, self.feat_dim, self.grid = cfg, feat_dim, tuple(grid)
@@ -237,50 +299,100 @@ class SpectralDiffusionModel(nn.Module):
                                                    prune_tau=pr.tau if pr.enabled else None, min_keep=pr.min_keep,
                                                    max_keep=pr.max_keep or None)
         self.init_proj = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, s.dim)) if s.init == 'spectral' else None
-        d = cfg.decoder
-        if d.kind == 'mlp': self.decoder = MLPDecoder(s.dim, feat_dim, self.grid, hidden=(d.hidden,) * d.layers)
-        else: self.decoder = SpatialBroadcastDecoder(s.dim, image_size, channels=d.hidden)
+        self.decoder = build_decoder(cfg, feat_dim, self.grid, image_size)
+        # the autoencoder's latent scale lives in its diffusers config, which a state dict does not carry: keep it here too
+        if cfg.decoder.kind == 'diffusion': self.register_buffer('latent_scale', torch.ones(()))
+
+    @property
+    def is_diffusion(self) -> bool: return self.cfg.decoder.kind == 'diffusion'
+
+    def set_latent_scale(self, scale: float | None = None):
+        "Store the autoencoder's latent scale (default: its current config value) and push it into the autoencoder's config."
+        if scale is not None: self.latent_scale.fill_(float(scale))
+        elif self.decoder.vae.config.scaling_factor != 1.0: self.latent_scale.fill_(self.decoder.vae.config.scaling_factor)
+        self.decoder.vae.register_to_config(scaling_factor=float(self.latent_scale))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        res = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.is_diffusion: self.decoder.vae.register_to_config(scaling_factor=float(self.latent_scale))
+        return res
 
     def forward(self, tokens: torch.Tensor, # `[B,N,D_feat]` frozen tokens on `self.grid`
                 segments: torch.Tensor | None = None, # `[B,N]` spectral segment ids (init='spectral', loss.spectral)
-                images: torch.Tensor | None = None, # `[B,3,H,W]` (broadcast decoder target)
-                generator: torch.Generator | None = None, # random slot initialisation
+                images: torch.Tensor | None = None, # `[B,3,H,W]` (broadcast target; diffusion, when no latents)
+                generator: torch.Generator | None = None, # random slot initialisation, diffusion timesteps and noise
+                prototypes: torch.Tensor | None = None, # `[B,K,D_feat]` multi-scale initial prototypes (spectral.scales)
+                latents: torch.Tensor | None = None, # `[B,C,h,w]` cached autoencoder latents (diffusion)
                ) -> tuple[SlotOutput, DecoderOutput, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        out = self.slots(tokens, segments, generator)
-        target = tokens if cfg.decoder.kind == 'mlp' else images
-        dec = self.decoder(out.slots, out.active, target=target)
+        out = self.slots(tokens, segments, generator, prototypes)
         w, terms = cfg.loss, {}
-        if target is not None and w.recon: terms['recon'] = dec.loss()
+        if self.is_diffusion:
+            dec = self.decoder(out.slots, out.active, images=images, latents=latents, generator=generator)
+            if w.diffusion: terms['diffusion'] = dec.loss()
+        else:
+            target = tokens if cfg.decoder.kind == 'mlp' else images
+            dec = self.decoder(out.slots, out.active, target=target)
+            if target is not None and w.recon: terms['recon'] = dec.loss()
         if w.spectral and segments is not None: terms['spectral'] = spectral_consistency_loss(out.attn[-1], segments, out.active)
         if w.diversity: terms['diversity'] = diversity_loss(out.slots, out.active)
         if w.kl: terms['kl'] = identifiability_kl(out)
         return out, dec, terms
 
-    def slots(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, generator=None) -> SlotOutput:
-        "The slot stage alone (any token grid): spectral or learned/random initial slots → slot module."
+    def slots(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, generator=None,
+              prototypes: torch.Tensor | None = None) -> SlotOutput:
+        "The slot stage alone (any token grid): spectral (single- or multi-scale) or learned/random initial slots → slot module."
         if self.init_proj is None: return self.slot_module(tokens, None, generator=generator)
-        if segments is None: raise ValueError("segments: init='spectral' needs the spectral segments [B,N]")
-        protos, _ = segment_prototypes(tokens, segments, self.cfg.slots.num_slots)
-        return self.slot_module(tokens, self.init_proj(protos))
+        if prototypes is None and self.cfg.spectral.scales:
+            raise ValueError("prototypes: spectral.scales asks for multi-scale initial slots; pass `multiscale_prototypes(...)`")
+        if prototypes is None:
+            if segments is None: raise ValueError("segments: init='spectral' needs the spectral segments [B,N]")
+            prototypes, _ = segment_prototypes(tokens, segments, self.cfg.slots.num_slots)
+        return self.slot_module(tokens, self.init_proj(prototypes))
 
     @torch.no_grad()
-    def segment_tokens(self, tokens, segments=None, grid=None, image_size=None, split: bool = True, generator=None) -> torch.Tensor:
-        "Instance maps `[B,H,W]` from the last attention map (upsampled; connected components when `split`)."
-        out = self.slots(tokens, segments, generator)
-        return attention_to_instances(out.attn[-1], grid or self.grid, image_size, out.active, split)
+    def segment_tokens(self, tokens, segments=None, grid=None, image_size=None, split: bool = True, generator=None,
+                       prototypes=None, pixels=None) -> torch.Tensor:
+        "Instance maps `[B,H,W]` from the last attention map (upsampled, or refined with `pixels`; connected components when `split`)."
+        out = self.slots(tokens, segments, generator, prototypes)
+        return attention_to_instances(out.attn[-1], grid or self.grid, image_size, out.active, split, pixels=pixels)
+
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor, backbone: FrozenBackbone) -> dict:
+        "What the slot stage needs for raw images: tokens, grid, spectral segments and multi-scale prototypes."
+        cfg = self.cfg
+        tokens, grid = encode(backbone, check_images(images), cfg.backbone.grid)
+        segs = spectral_segments(tokens, grid, cfg.slots.num_slots, cfg, cfg.seed) if cfg.spectral.enabled else None
+        protos = multiscale_prototypes(tokens, grid, cfg.slots.num_slots, cfg, cfg.seed) if cfg.spectral.scales else None
+        return dict(tokens=tokens, grid=grid, segments=segs, prototypes=protos)
 
     @torch.no_grad()
     def segment(self, images: torch.Tensor, # `[B,3,H,W]` in [0,1], any size
                 backbone: FrozenBackbone, # the frozen backbone the model was trained on
                 split: bool = True, # split slot regions into connected components
                 seed: int = 0, # random slot initialisation (init='random')
+                refine: bool = True, # snap boundaries to pixels when the backbone has per-pixel features (as `spectral_segment`)
                ) -> torch.Tensor: # `[B,H,W]` long instance maps
         "Segment images: frozen features → spectral segments → slots → instance maps at image resolution."
-        images = check_images(images)
-        tokens, grid = encode(backbone, images, self.cfg.backbone.grid)
-        segs = spectral_segments(tokens, grid, self.cfg.slots.num_slots, self.cfg, self.cfg.seed) if self.cfg.spectral.enabled else None
-        return self.segment_tokens(tokens, segs, grid, tuple(images.shape[-2:]), split, torch.Generator().manual_seed(seed))
+        p = self.prepare(images, backbone)
+        pix = backbone.pixel_features(images) if refine and hasattr(backbone, 'pixel_features') else None
+        return self.segment_tokens(p['tokens'], p['segments'], p['grid'], tuple(images.shape[-2:]), split,
+                                   torch.Generator().manual_seed(seed), p['prototypes'], pix)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, # `[B,3,H,W]` in [0,1]
+                 backbone: FrozenBackbone, # the frozen backbone the model was trained on
+                 steps: int | None = None, # DDIM steps (default `cfg.decoder.sample_steps`)
+                 guidance: float = 1.0, # classifier-free guidance weight
+                 seed: int = 0, # sampling seed (same seed → same images)
+                 trajectory: bool = False, # also return the per-step latents
+                ):
+        "Diffusion decoder only: encode `images` into slots and sample new images from those slots."
+        if not self.is_diffusion: raise ValueError(f"generate: needs decoder.kind='diffusion', this model has {self.cfg.decoder.kind!r}")
+        p = self.prepare(images, backbone)
+        out = self.slots(p['tokens'], p['segments'], torch.Generator().manual_seed(seed), p['prototypes'])
+        return self.decoder.sample(out.slots, out.active, steps=steps or self.cfg.decoder.sample_steps, guidance=guidance,
+                                   generator=torch.Generator().manual_seed(seed), latent_size=None, trajectory=trajectory)
 
 # %% ../nbs/08_model.ipynb #a74f2a60
 def attention_to_instances(attn: torch.Tensor, # `[B,K,N]` attention over slots
@@ -289,9 +401,18 @@ def attention_to_instances(attn: torch.Tensor, # `[B,K,N]` attention over slots
                            active: torch.Tensor | None = None, # `[B,K]` bool; inactive slots never win
                            split: bool = True, # split each slot's region into connected components
                            min_cells: int = 4, # with `split`: components smaller than this many token cells merge into a neighbour
+                           pixels: torch.Tensor | None = None, # `[B,D,H,W]` per-pixel features: snap boundaries to pixels
                           ) -> torch.Tensor: # `[B,H,W]` long, ids from 1
-    "Argmax of the bilinearly upsampled attention, optionally split into connected components."
+    "Argmax of the bilinearly upsampled attention (or, with `pixels`, of the token-grid attention refined to pixels), optionally split into connected components."
     B, K, N = attn.shape
+    if pixels is not None:
+        if tuple(pixels.shape[-2:]) != tuple(size) or pixels.shape[0] != B:
+            raise ValueError(f"pixels: expected [B={B},D,{size[0]},{size[1]}], got {tuple(pixels.shape)}")
+        a = attn.reshape(B, K, *grid).float()
+        if active is not None: a = a.masked_fill(~active[:, :, None, None], -1.0)
+        lab = a.argmax(1).cpu().numpy()
+        segs = [split_components(l, min_cells) if split else np.unique(l, return_inverse=True)[1].reshape(l.shape) for l in lab]
+        return torch.stack([refine_segments(sg, p) for sg, p in zip(segs, pixels.float().cpu())]) + 1
     m = F.interpolate(attn.reshape(B, K, *grid).float(), size=tuple(size), mode='bilinear', align_corners=False)
     if active is not None: m = m.masked_fill(~active[:, :, None, None], -1.0)
     lab = m.argmax(1)

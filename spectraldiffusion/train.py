@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 
 # %% auto #0
 __all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'warmup_cosine', 'EMA',
-           'batch_indices', 'validate', 'fit', 'load_model', 'main']
+           'batch_indices', 'validate', 'prepare_latents', 'fit', 'load_model', 'main']
 
 # %% ../nbs/10_train.ipynb #eec666db
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -150,13 +150,37 @@ def validate(model, cache, image_size, masks, batch_size: int = 32) -> dict:
     preds = []
     for s in range(0, len(cache), batch_size):
         b = cache.batch(torch.arange(s, min(s + batch_size, len(cache))))
-        preds.append(model.segment_tokens(b['tokens'], b.get('segments'), image_size=image_size, generator=torch.Generator().manual_seed(s)))
+        preds.append(model.segment_tokens(b['tokens'], b.get('segments'), image_size=image_size, generator=torch.Generator().manual_seed(s),
+                                          prototypes=b.get('prototypes')))
     model.train()
     pred = torch.cat(preds)
     fg = metrics.fg_ari(pred, masks, empty='nan'); mb = metrics.mbo(pred, masks, empty='nan')
     return {'val/fg_ari': float(fg[~fg.isnan()].mean()), 'val/mbo': float(mb[~mb.isnan()].mean())}
 
 # %% ../nbs/10_train.ipynb #5ae7fc13
+def prepare_latents(model, # `SpectralDiffusionModel` with decoder.kind='diffusion' (unwrapped)
+                    cache, # the training `FeatureCache` (must hold images)
+                    cfg, # the run's configuration
+                    fresh: bool = True, # train the autoencoder first (False when resuming: its weights are in the checkpoint)
+                    log: bool = True, # print what happens
+                    batch_size: int = 64,
+                   ):
+    "Train (when `fresh`) and freeze the diffusion decoder's autoencoder, then cache the latents of the training images."
+    from spectraldiffusion.diffusion import train_autoencoder, encode_images
+    if cache.images is None: raise ValueError("cache: the diffusion decoder needs the training images (FeatureCache.build(..., keep_images=True))")
+    vae = model.decoder.vae
+    if fresh:
+        t0 = time.time()
+        losses = train_autoencoder(vae, cache.images, steps=cfg.decoder.vae_steps, seed=cfg.seed)
+        model.set_latent_scale()
+        if log: print(f"autoencoder: {cfg.decoder.vae_steps} steps in {time.time() - t0:.0f} s, last loss {losses[-1] if losses else float('nan'):.4f}")
+    vae.eval().requires_grad_(False)
+    for p in vae.parameters(): p.grad = None
+    with torch.no_grad():
+        cache.latents = torch.cat([encode_images(vae, cache.images[i:i + batch_size]) for i in range(0, len(cache), batch_size)])
+    return cache.latents
+
+# %% ../nbs/10_train.ipynb #3584d8dc
 def fit(cfg, # a configuration from `load_config`
         out, # run folder: checkpoints, TensorBoard logs, config.yaml, metrics.json
         resume: bool = True, # continue from `out`'s checkpoint when there is one
@@ -179,7 +203,7 @@ def fit(cfg, # a configuration from `load_config`
         (out / 'config.yaml').write_text(OmegaConf.to_yaml(cfg), encoding='utf-8')
     set_seed(cfg.seed)
     backbone = build_backbone(cfg).to(acc.device)
-    need_images = cfg.decoder.kind == 'broadcast'
+    need_images = cfg.decoder.kind in ('broadcast', 'diffusion')
     train = FeatureCache.build(BenchmarkDataset(cfg.data.variant, 'train', n=cfg.data.n_train, image_size=cfg.data.image_size),
                                backbone, cfg, keep_images=need_images, progress=cfg.log.progress and acc.is_main_process)
     val_ds = BenchmarkDataset(cfg.data.variant, 'val', n=cfg.data.n_val, image_size=cfg.data.image_size)
@@ -187,7 +211,8 @@ def fit(cfg, # a configuration from `load_config`
     val_masks = torch.cat([b['instances'].flatten(0, -3) for b in make_loader(val_ds, 64)])
     image_size = tuple(val_masks.shape[-2:])
     model = SpectralDiffusionModel(cfg, train.tokens.shape[-1], train.grid, image_size[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # frozen parts (the diffusion decoder's autoencoder) stay out of the optimizer, so no stray update can reach them
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, cfg.optim.warmup, cfg.optim.steps))
     ema = EMA(model, cfg.optim.ema) if cfg.optim.ema else None
     start, history = 0, []
@@ -205,6 +230,7 @@ def fit(cfg, # a configuration from `load_config`
     budget = cfg.optim.max_minutes * 60 if cfg.optim.max_minutes else float('inf')
     setup_s = time.time() - t_start
     t_train = time.time()                                                         # the budget counts training only
+    if cfg.decoder.kind == 'diffusion': prepare_latents(acc.unwrap_model(model), train, cfg, fresh=start == 0, log=acc.is_main_process)
     bar = tqdm(range(start, cfg.optim.steps), initial=start, total=cfg.optim.steps, desc='train',
                disable=not (cfg.log.progress and acc.is_main_process))
     done, last = start, {}
@@ -218,7 +244,8 @@ def fit(cfg, # a configuration from `load_config`
         idx = batch_indices(len(train), cfg.optim.batch_size, cfg.seed, step, acc.process_index)
         b = {k: v.to(acc.device) for k, v in train.batch(idx).items()}
         with acc.accumulate(model):
-            _, _, terms = model(b['tokens'], b.get('segments'), b.get('images'))
+            _, _, terms = model(b['tokens'], b.get('segments'), None if 'latents' in b else b.get('images'),
+                                prototypes=b.get('prototypes'), latents=b.get('latents'))
             loss = combine_losses(terms, weights, step)
             acc.backward(loss)
             if cfg.optim.grad_clip and acc.sync_gradients: acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

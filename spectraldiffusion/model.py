@@ -56,6 +56,8 @@ class SlotsConfig:
     iters: int = 3
     init: str = 'spectral'               # 'spectral' | 'random' | 'learned'
     implicit: bool = False               # implicit differentiation (last iteration with grad; straight-through to the init)
+    update: str = 'gru'                  # probabilistic slots: 'gru' (M-step means → GRU + MLP) or 'em' (M-step means only)
+    temperature: float = 0.0             # probabilistic slots: E-step temperature T; 0 → √dim, 1 → the exact EM posterior
 
 @dataclass
 class PruningConfig:
@@ -131,6 +133,7 @@ CHOICES = {'backbone.layer': ('tokens', 'keys'), 'spectral.solver': ('subspace',
            'spectral.metric': ('euclidean', 'cosine'), 'spectral.bandwidth': ('global', 'local'),
            'decoder.prediction': ('v_prediction', 'epsilon'),
            'slots.variant': ('standard', 'mamba', 'probabilistic'), 'slots.init': ('spectral', 'random', 'learned'),
+           'slots.update': ('gru', 'em'),
            'decoder.kind': ('mlp', 'broadcast', 'diffusion'), 'optim.mixed_precision': ('no', 'fp16', 'bf16')}
 CONFIG_DIR = pathlib.Path(spectraldiffusion.__file__).parent / 'configs'
 
@@ -139,6 +142,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         v = OmegaConf.select(cfg, key)
         if v not in allowed: raise ValueError(f"config key {key!r}: {v!r} is not one of {list(allowed)}")
     if cfg.slots.num_slots < 1: raise ValueError(f"config key 'slots.num_slots': expected ≥ 1, got {cfg.slots.num_slots}")
+    if cfg.slots.temperature < 0: raise ValueError(f"config key 'slots.temperature': expected ≥ 0 (0: √dim), got {cfg.slots.temperature}")
     if cfg.optim.steps < 1: raise ValueError(f"config key 'optim.steps': expected ≥ 1, got {cfg.optim.steps}")
     if (cfg.slots.init == 'spectral' or cfg.loss.spectral) and not cfg.spectral.enabled:
         raise ValueError("config key 'spectral.enabled': slots.init='spectral' and loss.spectral > 0 need spectral segments")
@@ -297,7 +301,9 @@ class SpectralDiffusionModel(nn.Module):
         self.slot_module = SLOT_MODULES[s.variant](s.dim, K, s.iters, in_dim=feat_dim, init_mode=init_mode,
                                                    grad='bilevel' if s.implicit else 'full',
                                                    prune_tau=pr.tau if pr.enabled else None, min_keep=pr.min_keep,
-                                                   max_keep=pr.max_keep or None)
+                                                   max_keep=pr.max_keep or None,
+                                                   **(dict(update=s.update, temperature=s.temperature or None)
+                                                      if s.variant == 'probabilistic' else {}))
         self.init_proj = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, s.dim)) if s.init == 'spectral' else None
         self.decoder = build_decoder(cfg, feat_dim, self.grid, image_size)
         # the autoencoder's latent scale lives in its diffusers config, which a state dict does not carry: keep it here too

@@ -233,14 +233,16 @@ def gmm_e_step(keys: torch.Tensor, # `[B,N,D]` points
                means: torch.Tensor, # `[B,K,D]` component means
                var: torch.Tensor, # `[B,K,D]` diagonal variances (> 0)
                pi: torch.Tensor, # `[B,K]` mixing weights (> 0, sum to 1)
+               temperature: float = 1.0, # T: responsibilities ∝ (π N)^(1/T); 1 is the exact posterior
               ) -> torch.Tensor: # responsibilities `[B,K,N]`, summing to 1 over K
-    "E-step of a diagonal Gaussian mixture: posterior probability of each component for each point."
+    "E-step of a diagonal Gaussian mixture: posterior probability of each component for each point (tempered by `temperature`)."
+    if not temperature > 0: raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     prec = 1 / var                                                                       # [B,K,D]
     maha = (keys * keys) @ prec.transpose(1, 2) - 2 * keys @ (means * prec).transpose(1, 2) \
            + (means * means * prec).sum(-1)[:, None]                                      # [B,N,K]
     logp = -0.5 * (maha + var.log().sum(-1)[:, None] + keys.shape[-1] * math.log(2 * math.pi))
     logpi = pi.clamp_min(torch.finfo(pi.dtype).tiny).log()                              # a slot whose π underflowed to 0 stays finite
-    return torch.softmax(logp + logpi[:, None], dim=-1).transpose(1, 2)
+    return torch.softmax((logp + logpi[:, None]) / temperature, dim=-1).transpose(1, 2)
 
 # %% ../nbs/05_slots.ipynb #596fbf69
 def gmm_m_step(resp: torch.Tensor, # `[B,K,N]` responsibilities (sum to 1 over K)
@@ -267,6 +269,7 @@ class ProbabilisticSlotAttention(_SlotBase):
                  init_mode: str = 'random', # 'random', 'learned' or 'given' (initial means, as in `SlotAttention`)
                  grad: str = 'full', # 'full', 'implicit' or 'bilevel' (as in `SlotAttention`)
                  update: str = 'em', # 'em': means from the M-step (Algorithm 1); 'gru': then GRU + residual MLP as in Slot Attention
+                 temperature: float | None = None, # E-step temperature T (see above); None: √dim; 1.0: the exact EM of the paper
                  mlp_hidden: int | None = None, # hidden size of the residual MLP for update='gru' (default 4·dim)
                  eps: float = 1e-8, # added to the responsibilities before the normalisation over tokens
                  var_eps: float = 1e-6, # variance floor added in the M-step
@@ -278,6 +281,8 @@ class ProbabilisticSlotAttention(_SlotBase):
         if update not in ('em', 'gru'): raise ValueError(f"update: expected 'em' or 'gru', got {update!r}")
         D, Din = self.dim, self.in_dim
         self.update, self.eps, self.var_eps = update, eps, var_eps
+        self.temperature = math.sqrt(D) if temperature is None else float(temperature)
+        if not self.temperature > 0: raise ValueError(f"temperature: expected > 0, got {temperature!r}")
         self.norm_inputs = nn.LayerNorm(Din)
         self.to_q = nn.Linear(D, D, bias=False)
         self.to_k = nn.Linear(Din, D, bias=False)
@@ -290,7 +295,7 @@ class ProbabilisticSlotAttention(_SlotBase):
     def _step(self, state, ctx):
         mu, var, pi = state
         B, K, D = mu.shape
-        attn = gmm_e_step(ctx['k'], self.to_q(mu), var, pi)                              # [B,K,N]
+        attn = gmm_e_step(ctx['k'], self.to_q(mu), var, pi, self.temperature)                            # [B,K,N]
         new_mu, var, pi = gmm_m_step(attn, ctx['v'], self.eps, self.var_eps)
         if self.update == 'gru':
             new_mu = self.gru(new_mu.reshape(-1, D), mu.reshape(-1, D)).reshape(B, K, D)

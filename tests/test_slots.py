@@ -192,7 +192,7 @@ def test_gmm_em_step_equals_numpy_and_sklearn():
 
 def test_probabilistic_module_is_em_on_projected_tokens():
     torch.manual_seed(0)
-    m = S.ProbabilisticSlotAttention(3, 3, iters=4, in_dim=5, eps=0.0, var_eps=1e-6).double()
+    m = S.ProbabilisticSlotAttention(3, 3, iters=4, in_dim=5, eps=0.0, var_eps=1e-6, temperature=1.0).double()
     x = torch.randn(2, 30, 5, dtype=torch.float64); init = torch.randn(2, 3, 3, dtype=torch.float64)
     o = m(x, init)
     with torch.no_grad():

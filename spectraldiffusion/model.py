@@ -56,7 +56,7 @@ class SlotsConfig:
     iters: int = 3
     init: str = 'spectral'               # 'spectral' | 'random' | 'learned'
     implicit: bool = False               # implicit differentiation (last iteration with grad; straight-through to the init)
-    update: str = 'gru'                  # probabilistic slots: 'gru' (M-step means → GRU + MLP) or 'em' (M-step means only)
+    em_update: str = 'gru'               # probabilistic slots: 'gru' (M-step means → GRU + MLP) or 'em' (M-step means only)
     temperature: float = 0.0             # probabilistic slots: E-step temperature T; 0 → √dim, 1 → the exact EM posterior
 
 @dataclass
@@ -133,7 +133,7 @@ CHOICES = {'backbone.layer': ('tokens', 'keys'), 'spectral.solver': ('subspace',
            'spectral.metric': ('euclidean', 'cosine'), 'spectral.bandwidth': ('global', 'local'),
            'decoder.prediction': ('v_prediction', 'epsilon'),
            'slots.variant': ('standard', 'mamba', 'probabilistic'), 'slots.init': ('spectral', 'random', 'learned'),
-           'slots.update': ('gru', 'em'),
+           'slots.em_update': ('gru', 'em'),
            'decoder.kind': ('mlp', 'broadcast', 'diffusion'), 'optim.mixed_precision': ('no', 'fp16', 'bf16')}
 CONFIG_DIR = pathlib.Path(spectraldiffusion.__file__).parent / 'configs'
 
@@ -302,7 +302,7 @@ class SpectralDiffusionModel(nn.Module):
                                                    grad='bilevel' if s.implicit else 'full',
                                                    prune_tau=pr.tau if pr.enabled else None, min_keep=pr.min_keep,
                                                    max_keep=pr.max_keep or None,
-                                                   **(dict(update=s.update, temperature=s.temperature or None)
+                                                   **(dict(update=s.em_update, temperature=s.temperature or None)
                                                       if s.variant == 'probabilistic' else {}))
         self.init_proj = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, s.dim)) if s.init == 'spectral' else None
         self.decoder = build_decoder(cfg, feat_dim, self.grid, image_size)

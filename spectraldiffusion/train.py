@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 
 # %% auto #0
 __all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'warmup_cosine', 'EMA',
-           'batch_indices', 'validate', 'prepare_latents', 'fit', 'load_model', 'main']
+           'batch_indices', 'validate', 'prepare_latents', 'fit', 'load_model', 'launch', 'main']
 
 # %% ../nbs/10_train.ipynb #eec666db
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -264,7 +264,8 @@ def fit(cfg, # a configuration from `load_config`
         if over or done == stop_after: break
     final = acc.unwrap_model(model)
     if ema is not None: ema.copy_to(final)
-    result = {'step': done, 'train': last, 'seconds': time.time() - t_start, 'setup_seconds': setup_s}
+    result = {'step': done, 'train': last, 'seconds': time.time() - t_start, 'setup_seconds': setup_s,
+              'processes': acc.num_processes}
     if acc.is_main_process:
         result.update(validate(final, val, image_size, val_masks))
         if writer:
@@ -290,6 +291,38 @@ def load_model(path, # run folder or checkpoint folder
     load_checkpoint(path, model)
     if ema and meta["ema"]: model.load_state_dict({**model.state_dict(), **meta["ema"]})
     return model.eval(), build_backbone(cfg), cfg
+
+# %% ../nbs/10_train.ipynb #e1799602
+def _launched_fit(cfg: dict, out: str, resume: bool):
+    from spectraldiffusion.model import load_config
+    fit(load_config(overrides=cfg), out, resume=resume)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def launch(cfg, # a configuration from `load_config`
+           out, # run folder (as for `fit`)
+           num_processes: int | None = None, # processes to start (default: the number of GPUs, at least 1)
+           resume: bool = True, # continue from `out`'s checkpoint when there is one
+          ) -> dict: # the main process's final state (`train_result.json`)
+    "Train with `fit` on several processes from a notebook through Accelerate's `notebook_launcher`."
+    from accelerate import notebook_launcher
+    from accelerate.state import AcceleratorState
+    from omegaconf import OmegaConf
+    n = max(1, torch.cuda.device_count()) if num_processes is None else num_processes
+    if not isinstance(n, int) or n < 1: raise ValueError(f"num_processes: expected a positive int, got {num_processes!r}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise RuntimeError("launch: this process already belongs to a process group; call `fit` directly")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    from accelerate.utils import patch_environment
+    cpu = {} if torch.cuda.is_available() else {'accelerate_use_cpu': 'true'}   # no GPU: DDP over gloo between CPU processes
+    try:
+        with patch_environment(**cpu):
+            notebook_launcher(_launched_fit, args=(OmegaConf.to_container(cfg, resolve=True), str(out), resume), num_processes=n,
+                              mixed_precision=cfg.optim.mixed_precision, use_port=str(_free_port()))
+    finally: AcceleratorState._reset_state(reset_partial_state=True)
+    return json.loads((pathlib.Path(out) / 'train_result.json').read_text(encoding='utf-8'))
 
 # %% ../nbs/10_train.ipynb #54e38563
 def main(argv: list[str] | None = None):

@@ -19,7 +19,7 @@ from .features import FrozenBackbone, LocalFeatures, TimmBackbone, pool_tokens
 from .spectral import spectral_slots, segment_prototypes, split_components, refine_segments
 from .slots import SlotAttention, MambaSlotAttention, ProbabilisticSlotAttention, SlotOutput, identifiability_kl
 from .decoders import MLPDecoder, SpatialBroadcastDecoder, DecoderOutput
-from .losses import spectral_consistency_loss, diversity_loss
+from .losses import spectral_consistency_loss, diversity_loss, temporal_loss
 
 # %% auto #0
 __all__ = ['CHOICES', 'CONFIG_DIR', 'SLOT_MODULES', 'BackboneConfig', 'SpectralConfig', 'SlotsConfig', 'PruningConfig',
@@ -146,6 +146,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
     if cfg.optim.steps < 1: raise ValueError(f"config key 'optim.steps': expected ≥ 1, got {cfg.optim.steps}")
     if (cfg.slots.init == 'spectral' or cfg.loss.spectral) and not cfg.spectral.enabled:
         raise ValueError("config key 'spectral.enabled': slots.init='spectral' and loss.spectral > 0 need spectral segments")
+    if cfg.loss.temporal and cfg.data.variant != 'moving':
+        raise ValueError(f"config key 'loss.temporal': slot consistency across frames needs clips (data.variant='moving'), got {cfg.data.variant!r}")
     if cfg.loss.kl and cfg.slots.variant != 'probabilistic':
         raise ValueError("config key 'loss.kl': the identifiability KL needs slots.variant='probabilistic'")
     sc = list(cfg.spectral.scales)
@@ -237,25 +239,26 @@ def multiscale_prototypes(tokens: torch.Tensor, # `[B,h*w,D]`
 # %% ../nbs/08_model.ipynb #9b4bf77f
 class FeatureCache:
     "Tokens (and spectral segments) of a dataset's images, computed once with the frozen backbone."
-    def __init__(self, tokens, grid, segments=None, images=None, prototypes=None, latents=None):
+    def __init__(self, tokens, grid, segments=None, images=None, prototypes=None, latents=None, frames: int = 1):
         self.tokens, self.grid, self.segments, self.images = tokens, tuple(grid), segments, images
+        self.frames = frames                                                      # frames per clip (1: still images); clip-major order
         self.prototypes, self.latents = prototypes, latents
 
     @classmethod
     def build(cls, dataset, backbone: FrozenBackbone, cfg: DictConfig, batch_size: int = 64, keep_images: bool = False, progress: bool = False):
         from tqdm.auto import tqdm
         from spectraldiffusion.data import make_loader
-        toks, segs, imgs, protos, grid = [], [], [], [], None
+        toks, segs, imgs, protos, grid, frames = [], [], [], [], None, 1
         for batch in tqdm(make_loader(dataset, batch_size=batch_size), desc='features', disable=not progress):
             x = batch['image']
-            if x.ndim == 5: x = x.flatten(0, 1)                                   # clips → frames
+            if x.ndim == 5: frames, x = x.shape[1], x.flatten(0, 1)               # clips → frames, clip-major
             t, grid = encode(backbone, x, cfg.backbone.grid)
             toks.append(t)
             if cfg.spectral.enabled: segs.append(spectral_segments(t, grid, cfg.slots.num_slots, cfg, cfg.seed))
             if cfg.spectral.scales: protos.append(multiscale_prototypes(t, grid, cfg.slots.num_slots, cfg, cfg.seed))
             if keep_images: imgs.append(x)
         cat = lambda xs: torch.cat(xs) if xs else None
-        return cls(torch.cat(toks), grid, cat(segs), cat(imgs), cat(protos))
+        return cls(torch.cat(toks), grid, cat(segs), cat(imgs), cat(protos), frames=frames)
 
     def __len__(self): return len(self.tokens)
 
@@ -329,6 +332,7 @@ class SpectralDiffusionModel(nn.Module):
                 generator: torch.Generator | None = None, # random slot initialisation, diffusion timesteps and noise
                 prototypes: torch.Tensor | None = None, # `[B,K,D_feat]` multi-scale initial prototypes (spectral.scales)
                 latents: torch.Tensor | None = None, # `[B,C,h,w]` cached autoencoder latents (diffusion)
+                frames: int = 1, # the batch is B/frames clips of `frames` consecutive frames each (loss.temporal)
                ) -> tuple[SlotOutput, DecoderOutput, dict[str, torch.Tensor]]:
         cfg = self.cfg
         out = self.slots(tokens, segments, generator, prototypes)
@@ -343,6 +347,10 @@ class SpectralDiffusionModel(nn.Module):
         if w.spectral and segments is not None: terms['spectral'] = spectral_consistency_loss(out.attn[-1], segments, out.active)
         if w.diversity: terms['diversity'] = diversity_loss(out.slots, out.active)
         if w.kl: terms['kl'] = identifiability_kl(out)
+        if w.temporal and frames > 1:
+            if tokens.shape[0] % frames: raise ValueError(f"frames: a batch of {tokens.shape[0]} is not whole clips of {frames} frames")
+            s = out.slots.view(-1, frames, *out.slots.shape[1:])
+            terms['temporal'] = temporal_loss(s[:, :-1].flatten(0, 1), s[:, 1:].flatten(0, 1))[0]
         return out, dec, terms
 
     def slots(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, generator=None,

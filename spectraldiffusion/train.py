@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 
 # %% auto #0
 __all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'warmup_cosine', 'EMA',
-           'batch_indices', 'validate', 'prepare_latents', 'fit', 'load_model', 'launch', 'main']
+           'batch_indices', 'validate', 'prepare_latents', 'log_images', 'fit', 'load_model', 'launch', 'main']
 
 # %% ../nbs/10_train.ipynb #eec666db
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -180,6 +180,31 @@ def prepare_latents(model, # `SpectralDiffusionModel` with decoder.kind='diffusi
         cache.latents = torch.cat([encode_images(vae, cache.images[i:i + batch_size]) for i in range(0, len(cache), batch_size)])
     return cache.latents
 
+# %% ../nbs/10_train.ipynb #02d5464d
+@torch.no_grad()
+def log_images(writer, # a `torch.utils.tensorboard.SummaryWriter`
+               model, # `SpectralDiffusionModel` (unwrapped)
+               cache, # the validation `FeatureCache`
+               image_size: tuple[int, int], # (H, W) of the instance maps
+               step: int, # global step of the pictures
+               images: torch.Tensor | None = None, # `[n,3,H,W]` the first validation images (logged beside the maps)
+               n: int = 4, # how many validation items
+              ):
+    "TensorBoard pictures of the first `n` validation items: instance maps, and the last attention map of every slot."
+    from torchvision.utils import make_grid
+    from spectraldiffusion.evaluate import label_rgb
+    from spectraldiffusion.model import attention_to_instances
+    was_training = model.training; model.eval()
+    b = cache.batch(torch.arange(min(n, len(cache))))
+    out = model.slots(b['tokens'], b.get('segments'), torch.Generator().manual_seed(0), b.get('prototypes'))
+    model.train(was_training)
+    attn = out.attn[-1].float().cpu()                                             # [n,K,N]
+    seg = attention_to_instances(attn, cache.grid, tuple(image_size), None if out.active is None else out.active.cpu())
+    writer.add_images('val/instances', torch.stack([torch.as_tensor(label_rgb(s.numpy()), dtype=torch.float32).permute(2, 0, 1) for s in seg]), step)
+    if images is not None: writer.add_images('val/images', images[:len(seg)].float().cpu(), step)
+    grid = make_grid(attn.reshape(-1, 1, *cache.grid), nrow=attn.shape[1], pad_value=1.0)   # a row per image, a column per slot
+    writer.add_image('val/attention', grid, step)
+
 # %% ../nbs/10_train.ipynb #3584d8dc
 def fit(cfg, # a configuration from `load_config`
         out, # run folder: checkpoints, TensorBoard logs, config.yaml, metrics.json
@@ -208,8 +233,11 @@ def fit(cfg, # a configuration from `load_config`
                                backbone, cfg, keep_images=need_images, progress=cfg.log.progress and acc.is_main_process)
     val_ds = BenchmarkDataset(cfg.data.variant, 'val', n=cfg.data.n_val, image_size=cfg.data.image_size)
     val = FeatureCache.build(val_ds, backbone, cfg)
-    val_masks = torch.cat([b['instances'].flatten(0, -3) for b in make_loader(val_ds, 64)])
+    val_batches = list(make_loader(val_ds, 64))
+    val_masks = torch.cat([b['instances'].flatten(0, -3) for b in val_batches])
+    val_images = torch.cat([b['image'].flatten(0, -4) for b in val_batches[:1]])[:4]     # pictures for TensorBoard
     image_size = tuple(val_masks.shape[-2:])
+    frames = train.frames if cfg.loss.temporal else 1                            # loss.temporal: batches of whole clips
     model = SpectralDiffusionModel(cfg, train.tokens.shape[-1], train.grid, image_size[0])
     # frozen parts (the diffusion decoder's autoencoder) stay out of the optimizer, so no stray update can reach them
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -239,13 +267,17 @@ def fit(cfg, # a configuration from `load_config`
             state = {'config': OmegaConf.to_container(cfg), 'history': history, 'setup_seconds': setup_s,
                      'feat_dim': train.tokens.shape[-1], 'grid': list(train.grid), 'image_size': list(image_size)}
             save_checkpoint(out, step, acc.unwrap_model(model), opt, sched, ema.shadow if ema else None, state)
+            if writer: log_images(writer, acc.unwrap_model(model), val, image_size, step, val_images)
         acc.wait_for_everyone()
     for step in bar:
-        idx = batch_indices(len(train), cfg.optim.batch_size, cfg.seed, step, acc.process_index)
+        if frames > 1:                                                            # whole clips, consecutive frames
+            clips = batch_indices(len(train) // frames, max(1, cfg.optim.batch_size // frames), cfg.seed, step, acc.process_index)
+            idx = (clips[:, None] * frames + torch.arange(frames)).flatten()
+        else: idx = batch_indices(len(train), cfg.optim.batch_size, cfg.seed, step, acc.process_index)
         b = {k: v.to(acc.device) for k, v in train.batch(idx).items()}
         with acc.accumulate(model):
             _, _, terms = model(b['tokens'], b.get('segments'), None if 'latents' in b else b.get('images'),
-                                prototypes=b.get('prototypes'), latents=b.get('latents'))
+                                prototypes=b.get('prototypes'), latents=b.get('latents'), frames=frames)
             loss = combine_losses(terms, weights, step)
             acc.backward(loss)
             if cfg.optim.grad_clip and acc.sync_gradients: acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

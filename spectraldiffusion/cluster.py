@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['sq_dists', 'kmeans_pp', 'lloyd', 'kmeans', 'check_images', 'one_segment', 'colour_kmeans_segment']
+__all__ = ['sq_dists', 'draw_rows', 'kmeans_pp', 'lloyd', 'kmeans', 'check_images', 'one_segment', 'colour_kmeans_segment']
 
 # %% ../nbs/01b_cluster.ipynb #2ff812d2
 def _check_points(x, k, mask=None):
@@ -23,9 +23,20 @@ def _check_points(x, k, mask=None):
 
 # %% ../nbs/01b_cluster.ipynb #f432b39f
 def sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    "Squared Euclidean distances between points `x` `[B,N,D]` and centres `c` `[B,K,D]` → `[B,N,K]`."
-    d = (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1).unsqueeze(1)
-    return d.clamp_min_(0)
+    "Squared Euclidean distances between points `x` `[B,N,D]` and centres `c` `[B,K,D]` → `[B,N,K]`, one coordinate at a time."
+    d = x.new_zeros(x.shape[0], x.shape[1], c.shape[1])                               # (no matrix product: a batched
+    for j in range(x.shape[-1]):                                                      # GEMM rounds differently for
+        d.add_((x[..., j, None] - c[:, None, :, j]).square_())                        # other batch sizes; D is small)
+    return d
+
+# %% ../nbs/01b_cluster.ipynb #477defa1
+def draw_rows(p: torch.Tensor, # non-negative weights `[B,N]`, each row with a positive sum
+              generator: torch.Generator | None = None, # random source
+             ) -> torch.Tensor: # `[B]` long: index i drawn with probability p[b,i] / Σ_j p[b,j]
+    "One weighted draw per row, by inverse CDF with a single uniform number shared by all rows (batch-invariant)."
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=p.device)
+    cdf = p.double().cumsum(1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_max(p.shape[1] - 1)
 
 # %% ../nbs/01b_cluster.ipynb #bc05e629
 def kmeans_pp(x: torch.Tensor, # points `[B,N,D]`
@@ -36,13 +47,13 @@ def kmeans_pp(x: torch.Tensor, # points `[B,N,D]`
     "k-means++ seeding for every item of a batch."
     B, N, D = x.shape
     valid = torch.ones(B, N, dtype=torch.bool, device=x.device) if mask is None else mask
-    idx = torch.multinomial(valid.float(), 1, generator=generator).squeeze(1)           # first centre uniform
+    idx = draw_rows(valid.float(), generator)                                          # first centre uniform
     centres = [x[torch.arange(B), idx]]
     d2 = sq_dists(x, centres[0][:, None]).squeeze(-1)
     for _ in range(1, k):
         p = d2 * valid
         p = torch.where(p.sum(1, keepdim=True) > 0, p, valid.float())                # all points coincide: uniform
-        idx = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        idx = draw_rows(p, generator)
         centres.append(x[torch.arange(B), idx])
         d2 = torch.minimum(d2, sq_dists(x, centres[-1][:, None]).squeeze(-1))
     return torch.stack(centres, 1)
@@ -61,9 +72,8 @@ def lloyd(x: torch.Tensor, # points `[B,N,D]`
         new = sq_dists(x, centres).argmin(-1)
         if labels is not None and torch.equal(new, labels): break
         labels = new
-        onehot = F.one_hot(labels, K).to(x.dtype) * w[..., None]                  # [B,N,K]
-        count = onehot.sum(1)                                                       # [B,K]
-        sums = onehot.transpose(1, 2) @ x                                           # [B,K,D]
+        count = x.new_zeros(B, K).scatter_add_(1, labels, w)                        # [B,K]
+        sums = x.new_zeros(B, K, D).scatter_add_(1, labels[..., None].expand(-1, -1, D), x * w[..., None])  # [B,K,D]
         centres = torch.where(count[..., None] > 0, sums / count.clamp_min(1)[..., None], centres)
     d = sq_dists(x, centres)
     labels = d.argmin(-1)

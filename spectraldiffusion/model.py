@@ -354,9 +354,15 @@ class SpectralDiffusionModel(nn.Module):
         return out, dec, terms
 
     def slots(self, tokens: torch.Tensor, segments: torch.Tensor | None = None, generator=None,
-              prototypes: torch.Tensor | None = None) -> SlotOutput:
+              prototypes: torch.Tensor | None = None,
+              same_init: bool = False, # init='random': one draw for every image, so an image's result does not depend on its batch
+             ) -> SlotOutput:
         "The slot stage alone (any token grid): spectral (single- or multi-scale) or learned/random initial slots → slot module."
-        if self.init_proj is None: return self.slot_module(tokens, None, generator=generator)
+        if self.init_proj is None:
+            init = None
+            if same_init and self.slot_module.init_mode == 'random':
+                init = self.slot_module.initial_slots(1, generator=generator).expand(tokens.shape[0], -1, -1)
+            return self.slot_module(tokens, init, generator=generator)
         if prototypes is None and self.cfg.spectral.scales:
             raise ValueError("prototypes: spectral.scales asks for multi-scale initial slots; pass `multiscale_prototypes(...)`")
         if prototypes is None:
@@ -368,7 +374,7 @@ class SpectralDiffusionModel(nn.Module):
     def segment_tokens(self, tokens, segments=None, grid=None, image_size=None, split: bool = True, generator=None,
                        prototypes=None, pixels=None) -> torch.Tensor:
         "Instance maps `[B,H,W]` from the last attention map (upsampled, or refined with `pixels`; connected components when `split`)."
-        out = self.slots(tokens, segments, generator, prototypes)
+        out = self.slots(tokens, segments, generator, prototypes, same_init=True)
         return attention_to_instances(out.attn[-1], grid or self.grid, image_size, out.active, split, pixels=pixels)
 
     @torch.no_grad()
@@ -404,7 +410,7 @@ class SpectralDiffusionModel(nn.Module):
         "Diffusion decoder only: encode `images` into slots and sample new images from those slots."
         if not self.is_diffusion: raise ValueError(f"generate: needs decoder.kind='diffusion', this model has {self.cfg.decoder.kind!r}")
         p = self.prepare(images, backbone)
-        out = self.slots(p['tokens'], p['segments'], torch.Generator().manual_seed(seed), p['prototypes'])
+        out = self.slots(p['tokens'], p['segments'], torch.Generator().manual_seed(seed), p['prototypes'], same_init=True)
         return self.decoder.sample(out.slots, out.active, steps=steps or self.cfg.decoder.sample_steps, guidance=guidance,
                                    generator=torch.Generator().manual_seed(seed), latent_size=None, trajectory=trajectory)
 

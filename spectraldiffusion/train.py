@@ -150,7 +150,7 @@ def validate(model, cache, image_size, masks, batch_size: int = 32) -> dict:
     preds = []
     for s in range(0, len(cache), batch_size):
         b = cache.batch(torch.arange(s, min(s + batch_size, len(cache))))
-        preds.append(model.segment_tokens(b['tokens'], b.get('segments'), image_size=image_size, generator=torch.Generator().manual_seed(s),
+        preds.append(model.segment_tokens(b['tokens'], b.get('segments'), image_size=image_size, generator=torch.Generator().manual_seed(0),
                                           prototypes=b.get('prototypes')))
     model.train()
     pred = torch.cat(preds)

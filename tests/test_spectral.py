@@ -270,3 +270,43 @@ def test_bench_quick():
     row = res['speed']['32x32']
     assert row['tokens'] == [32, 32] and {'subspace', 'lobpcg', 'eigh', 'sklearn'} <= set(row)
     assert row['subspace']['speedup_vs_sklearn'] > 0
+
+
+# ---------------------------------------------------------------- one image, one answer, whatever its batch
+
+def _bench_images(variant, n):
+    from spectraldiffusion.data import BenchmarkDataset
+    ds = BenchmarkDataset(variant, 'test')
+    return torch.stack([ds[i]['image'] for i in range(n)])
+
+
+@pytest.mark.parametrize('solver', SOLVERS)
+@pytest.mark.parametrize('variant', ['multi_dsprites', 'textured'])
+def test_spectral_segment_is_batch_invariant(solver, variant):
+    "The instance map of an image is the same in a batch of 5 and alone, bit for bit, with every solver."
+    img = _bench_images(variant, 5)
+    kw = dict(solver=solver, grid=16)
+    batch = spectral_segment(img, **kw)
+    assert torch.equal(batch, torch.cat([spectral_segment(img[i:i + 1], **kw) for i in range(len(img))]))
+
+
+def test_subspace_eigs_batch_invariant_and_frozen_when_converged():
+    "Per-image degrees and freezing: each image's eigenpairs equal those of a batch of one, bit for bit."
+    img = _bench_images('clevr_like', 4)
+    from spectraldiffusion.features import LocalFeatures
+    bb = LocalFeatures(stride=4)
+    x, grid = bb(img)[0], bb.grid(img.shape[-2:])
+    W = affinity(x, 10, 'euclidean', 'global', 0.02, 1e-3, 0, grid=grid, grid_weight=1.0)
+    A, _ = normalized_affinity(W)
+    lam, V, _ = subspace_eigs(A, 6)
+    for b in range(4):
+        Wb = affinity(x[b:b + 1], 10, 'euclidean', 'global', 0.02, 1e-3, 0, grid=grid, grid_weight=1.0)
+        assert torch.equal(W[b].coalesce().to_dense(), Wb[0].coalesce().to_dense())
+        l1, V1, _ = subspace_eigs(normalized_affinity(Wb)[0], 6)
+        assert torch.equal(lam[b], l1[0]) and torch.equal(V[b], V1[0])
+
+
+def test_colour_kmeans_is_batch_invariant():
+    from spectraldiffusion.cluster import colour_kmeans_segment
+    img = _bench_images('clevr_like', 4)
+    assert torch.equal(colour_kmeans_segment(img), torch.cat([colour_kmeans_segment(img[i:i + 1]) for i in range(4)]))

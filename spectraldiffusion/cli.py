@@ -19,21 +19,26 @@ def segment_folder(method: str, # a segmenter name (see `SEGMENTERS`)
                    **kwargs, # passed to the segmenter's factory
                   ) -> list[pathlib.Path]: # the written files
     "Segment every image in `input` with `method` and write `out/<name>.png` instance-id maps."
-    seg = get_segmenter(method, **kwargs)
     paths = data.list_images(input)
-    out = pathlib.Path(out); out.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(out)
+    dsts, inputs = {}, {p.resolve() for p in paths}
+    for p in paths:                                                                # checked before any work is done
+        dst = out / (p.stem + '.png')
+        if dst in dsts: raise ValueError(f"input: {dsts[dst].name!r} and {p.name!r} would both be written to {str(dst)!r}; rename one")
+        if dst.resolve() in inputs: raise ValueError(f"out: writing {str(dst)!r} would overwrite the input image; choose another output folder")
+        dsts[dst] = p
+    seg = get_segmenter(method, **kwargs)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for p in paths:
-        ids = seg(data.load_image(p)[None])[0]
-        dst = out / (pathlib.Path(p).stem + '.png')
-        data.save_id_png(dst, ids); written.append(dst)
+    for dst, p in dsts.items():
+        data.save_id_png(dst, seg(data.load_image(p)[None])[0]); written.append(dst)
     return written
 
 def segment_main(argv: list[str] | None = None):
     "Command line: `sd_segment --method NAME --input DIR --out DIR [--k K] [--checkpoint DIR]`."
     p = argparse.ArgumentParser(prog='sd_segment', description='Segment a folder of images; writes one PNG of instance ids (R + 256·G + 256²·B) per input.')
     p.add_argument('--method', required=True, choices=sorted(SEGMENTERS), help='segmentation method')
-    p.add_argument('--input', required=True, help='folder of images (png, jpg)')
+    p.add_argument('--input', required=True, help=f"folder of images ({', '.join(data.IMAGE_SUFFIXES)})")
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--k', type=int, default=None, help='number of segments (colour_kmeans, spectral)')
     p.add_argument('--checkpoint', default=None, help='run or checkpoint folder (method checkpoint)')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #c1b9aa9b
 from __future__ import annotations
-import argparse, json, shutil, time
+import argparse, json, os, shutil, time
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -539,7 +539,9 @@ def save_id_png(path, # file to write (parent folders are created)
     ids = _to_numpy(ids, 'ids')
     if ids.ndim != 2: raise ValueError(f"ids: expected shape [H,W], got {tuple(ids.shape)}")
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(id_to_rgb(ids), mode='RGB').save(path)
+    tmp = path.with_name(f".{path.name}.tmp")                                   # written whole, then renamed: a
+    Image.fromarray(id_to_rgb(ids), mode='RGB').save(tmp, format='PNG')          # crash never leaves half a file
+    os.replace(tmp, path)
     return path
 
 def _open(path, name):
@@ -556,19 +558,28 @@ def load_id_png(path) -> torch.Tensor:
     raise ValueError(f"path: {str(path)!r} has PNG mode {im.mode}; expected an RGB id PNG (or greyscale ids)")
 
 def load_image(path) -> torch.Tensor:
-    "Read an image file as `[3,H,W]` float32 in [0,1] (greyscale and RGBA are converted to RGB)."
+    """Read an image file as `[3,H,W]` float32 in [0,1], pixels as stored (EXIF orientation is not applied, so maps line
+    up with annotation PNGs). 8-bit modes (greyscale, palette, RGBA, CMYK, ...) go through RGB; 16-bit greyscale is
+    divided by 65535; 32-bit integer greyscale by 65535 when it exceeds 255 (else 255); float greyscale is clipped to [0,1]."""
     im = _open(path, 'path')
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(im.convert('RGB')).transpose(2, 0, 1))).float() / 255
+    if im.mode.startswith('I;16'): g = np.asarray(im, np.float32) / 65535
+    elif im.mode == 'I': g = np.asarray(im, np.float64); g = (g / (65535 if g.max() > 255 else 255)).astype(np.float32)
+    elif im.mode == 'F': g = np.asarray(im, np.float32)
+    else:
+        try: rgb = np.asarray(im.convert('RGB'))
+        except Exception as e: raise ValueError(f"path: cannot convert {str(path)!r} (mode {im.mode}) to RGB ({e})") from None
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255
+    return torch.from_numpy(np.clip(g, 0, 1)).expand(3, *g.shape).contiguous()
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 def list_images(folder) -> list[Path]:
-    "Sorted PNG/JPEG files directly inside `folder` (not recursive)."
+    "Sorted image files (see `IMAGE_SUFFIXES`, any case) directly inside `folder` (not recursive)."
     folder = Path(folder)
     if not folder.exists(): raise FileNotFoundError(f"folder: no such directory {str(folder)!r}")
     if not folder.is_dir(): raise ValueError(f"folder: expected a directory, got the file {str(folder)!r}")
     out = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not out: raise ValueError(f"folder: {str(folder)!r} holds no .png/.jpg/.jpeg images")
+    if not out: raise ValueError(f"folder: {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return out
 
 # %% ../nbs/00_data.ipynb #2d42aaf6

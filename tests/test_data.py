@@ -202,7 +202,7 @@ def test_id_png_bad_input(tmp_path):
 
 def test_list_images_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match='nowhere'): data.list_images(tmp_path / 'nowhere')
-    with pytest.raises(ValueError, match='holds no .png/.jpg/.jpeg images'): data.list_images(tmp_path)
+    with pytest.raises(ValueError, match=r'holds no images \(.png'): data.list_images(tmp_path)
     (tmp_path / 'x.png').write_bytes(b'')
     with pytest.raises(ValueError, match='expected a directory'): data.list_images(tmp_path / 'x.png')
 

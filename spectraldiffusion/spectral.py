@@ -247,12 +247,18 @@ def chebyshev_filter(op: BlockCSR, # the batch's matrices `A` (`affinity_operato
     top = int(degree.max()) if per_item else degree
     X = X.reshape(B * N, p).contiguous(); Y = M @ X                                # row-major whatever B (as QR leaves it)
     if top > 1: X = X.clone()                                                        # the caller's block stays as is
-    if per_item: rows, out = degree.to(X.device).repeat_interleave(N)[:, None], Y.clone()   # item b keeps T_{m_b}
+    early = {}                                                                       # item b keeps T_{m_b}: the rows
+    if per_item:                                                                     # of items that stop before `top`
+        items = {j: (degree == j).nonzero().flatten().to(X.device) for j in degree.unique().tolist() if j < top}
+    keep = lambda j: early.__setitem__(j, Y.view(B, N, p).index_select(0, items[j])) if per_item and j in items else None
+    keep(1)
     for j in range(2, top + 1):
         X.addmm_(M, Y, beta=-1, alpha=2)                                             # T_{j+1} = 2M T_j − T_{j−1}, in
         X, Y = Y, X                                                                  # place of T_{j−1}: no copies
-        if per_item: out = torch.where(rows == j, Y, out)
-    return (out if per_item else Y).view(B, N, p)
+        keep(j)
+    Y = Y.view(B, N, p)
+    for j, rows in early.items(): Y.index_copy_(0, items[j], rows)                   # Y is ours (a product or a clone)
+    return Y
 
 def _per_item(f, *ts):
     "`f` on every item of the batch alone, stacked: a batched GEMM rounds differently for other batch sizes."

@@ -94,7 +94,7 @@ def _pass_states(S, e, state, H=None):
     return H, torch.addcmul(Sl[-1], Hl[-1], el[-1])
 
 def _ssd_segment(Xv, Bv, Cv, Acs, eA, eAn, eEnd, state, floor, buf):
-    "Steps 1-4 for `K` consecutive chunks: views `[b,h,K,Q,·]`, decays `[b,h,K,Q]`; returns (`Y [b,h,K*Q,p]`, next state)."
+    "Steps 1-4 for `K` consecutive chunks: views `[b,h,K,Q,·]`, decays `[b,h,K,Q]`; returns (`Y [b,h,K*Q,p]`, next state, states entering the chunks)."
     b, h, K, Q, p = Xv.shape; n = Bv.shape[-1]
     o = (lambda name, *shape: None) if buf is None else buf                        # out= buffers (None: autograd)
     BT = Bv.transpose(-1, -2).contiguous() if buf is None else o('BT', b, h, K, n, Q).copy_(Bv.transpose(-1, -2))
@@ -113,13 +113,126 @@ def _ssd_segment(Xv, Bv, Cv, Acs, eA, eAn, eEnd, state, floor, buf):
         S = torch.bmm((BT * (Acs[..., -1:] - Acs).clamp_(min=floor).exp_()[..., None, :]).view(-1, n, Q), Xc).view(b, h, K, n * p)
     if eAn is not None: S = torch.mul(S, eEnd[..., None], out=None if buf is None else S)   # × e^{Ā_end}: the chunk's state
     HT, state = _pass_states(S, eEnd[..., None], state, o('H', b, h, K, n * p))
-    return Y.baddbmm_(Cd, HT.view(-1, n, p)).view(b, h, K * Q, p), state
+    return Y.baddbmm_(Cd, HT.view(-1, n, p)).view(b, h, K * Q, p), state, HT
 
 # %% ../nbs/04_ssm.ipynb #b288dbbf
 def _auto_chunk(n, p):
     "Default chunk length: the smallest power of two ≥ √(n·p), within [16, 64] (balances the Q×Q blocks and the states)."
     return int(min(64, max(16, 2 ** math.ceil(math.log2(n * p) / 2))))
 
+def _chunk_cumsum(A, Q):
+    "`A [b,l,h]` zero-padded to whole chunks of `Q` → Ā, the cumulative sums within chunks `[b,h,c,Q]`."
+    b, l, h = A.shape; c = -(-l // Q)
+    Ap = F.pad(A, (0, 0, 0, c * Q - l)) if c * Q > l else A                          # padding: A = 0 keeps the state
+    return Ap.view(b, c, Q, h).permute(0, 3, 1, 2).cumsum(-1)
+
+def _factorisable(Acs): return bool(Acs[..., -1].min() >= -FACTOR_MAX)               # e^{±Ā} within [e^-40, e^40]
+
+def _segment_chunks(itemsize, b, h, Q, width, c):
+    "Chunks per segment on the CPU: temporaries `[b,h,K,Q,max(width,Q)]` of about `SEGMENT_BYTES`."
+    return max(1, min(c, SEGMENT_BYTES // (itemsize * b * h * Q * max(width, Q))))
+
+def _ssd_forward(X, A, B, C, Q, state, grad, keep_states=False):
+    """Steps 1–4 on prepared inputs (working dtype, `B, C [b,l,h,n]`, `state [b,h,n·p]`). With `grad`, one segment of
+    autograd-friendly operations; without, segments of a few chunks into reused buffers on the CPU. Returns
+    (`Y [b,h,c·Q,p]`, final state, and with `keep_states` the list of the states entering the segments, `[b,h,n·p]` each)."""
+    b, l, h, p = X.shape; n = B.shape[-1]
+    floor = math.log(torch.finfo(X.dtype).tiny) + 1                                  # keeps exp() out of subnormals
+    c = -(-l // Q)
+    Acs = _chunk_cumsum(A, Q)                                                         # [b,h,c,Q]: Ā within chunks
+    eA, eEnd = Acs.clamp(min=floor).exp(), Acs[..., -1].clamp(min=floor).exp()      # e^{Ā_t}, e^{Ā_end}
+    eAn = (-Acs).exp() if _factorisable(Acs) else None                               # e^{-Ā_s} when it is safe
+    K = c if grad or X.device.type != 'cpu' else _segment_chunks(X.element_size(), b, h, Q, max(p, n), c)
+    store = {}
+    def buf(name, *shape):                                                            # one buffer per role, reused by every segment
+        if name not in store: store[name] = X.new_empty(math.prod(shape))
+        return store[name][:math.prod(shape)].view(shape)
+    Ys = [] if grad or K == c else None
+    out = None if Ys is not None else X.new_empty(b, h, c * Q, p)
+    starts = [] if keep_states else None                                             # the state entering each segment
+    for k0 in range(0, c, K):
+        k1 = min(c, k0 + K); s0, s1 = k0 * Q, min(l, k1 * Q)
+        Xk, Bk, Ck = X[:, s0:s1], B[:, s0:s1], C[:, s0:s1]
+        if s1 - s0 < (k1 - k0) * Q:                                                   # zero-pad the last chunk: x = B = C = 0
+            Xk, Bk, Ck = (F.pad(t, (0, 0, 0, 0, 0, (k1 - k0) * Q - (s1 - s0))) for t in (Xk, Bk, Ck))
+        Xv, Bv, Cv = (t.view(b, k1 - k0, Q, h, -1).permute(0, 3, 1, 2, 4) for t in (Xk, Bk, Ck))   # [b,h,K,Q,·] views
+        if keep_states: starts.append(state.clone())
+        Y, state, _ = _ssd_segment(Xv, Bv, Cv, Acs[:, :, k0:k1], eA[:, :, k0:k1], None if eAn is None else eAn[:, :, k0:k1],
+                                    eEnd[:, :, k0:k1], state, floor, None if grad else buf)
+        if Ys is None: out[:, :, s0:k1 * Q].copy_(Y)
+        else: Ys.append(Y)
+    Y = out if Ys is None else Ys[0] if len(Ys) == 1 else torch.cat(Ys, 2)
+    return Y, state, starts
+
+# %% ../nbs/04_ssm.ipynb #d9b21fd2
+def _ssd_backward(dY, dfin, X, A, B, C, starts, Q):
+    """Gradients of the factorised scan, segment by segment from the last: `dY [b,h,c·Q,p]` (zero on the padding),
+    `dfin` the final state's `[b,h,n·p]` (or None), the inputs as `_ssd_forward` took them and the states entering
+    its segments (the segment's chunk states are recomputed from them). Returns (dX, dA, dB, dC, d initial state)."""
+    b, l, h, p = X.shape; n = B.shape[-1]; c = -(-l // Q); pad = c * Q - l
+    Acs = _chunk_cumsum(A, Q)
+    eA, eAn, eEnd = Acs.exp(), (-Acs).exp(), Acs[..., -1].exp()
+    chunks = lambda t: t.view(b, c, Q, h, -1).permute(0, 3, 1, 2, 4)                # [b,L,h,·] → [b,h,c,Q,·] view
+    padded = lambda t: F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+    Xv, Bv, Cv, dYv = chunks(padded(X)), chunks(padded(B)), chunks(padded(C)), dY.reshape(b, h, c, Q, p)
+    dX, dB, dC = X.new_empty(b, c * Q, h, p), X.new_empty(b, c * Q, h, n), X.new_empty(b, c * Q, h, n)
+    dXv, dBv, dCv = chunks(dX), chunks(dB), chunks(dC)                               # written in place, segment by segment
+    da = X.new_empty(b, h, c, Q)                                                      # gradient of Ā
+    g = X.new_zeros(b, h, n * p) if dfin is None else dfin.contiguous()               # gradient of the state leaving a chunk
+    K = c if X.device.type != 'cpu' else _segment_chunks(X.element_size(), b, h, Q, max(p, n), c)
+    store = {}
+    def o(name, *shape):                                                              # one buffer per role, reused by every segment
+        if name not in store or store[name].numel() < math.prod(shape): store[name] = X.new_empty(math.prod(shape))
+        return store[name][:math.prod(shape)].view(shape)                             # (the last segment may be short)
+    for k0, H0 in zip(reversed(range(0, c, K)), reversed(starts)):                    # the forward's segments, last first
+        k1 = min(c, k0 + K); sl, k, bk = slice(k0, k1), k1 - k0, b * h * (k1 - k0)
+        ea, ean = eA[:, :, sl, :, None], eAn[:, :, sl, :, None]
+        # operands in the chunk layout (transposed views go to bmm as they are: cheaper than transposed copies)
+        Cd = torch.mul(Cv[:, :, sl], ea, out=o('Cd', b, h, k, Q, n)).view(bk, Q, n)               # C e^{Ā}
+        Bn = torch.mul(Bv[:, :, sl], ean, out=o('Bn', b, h, k, Q, n)).view(bk, Q, n)              # B e^{-Ā}
+        Xc = o('X', b, h, k, Q, p).copy_(Xv[:, :, sl]).view(bk, Q, p)
+        dYc = o('dY', b, h, k, Q, p).copy_(dYv[:, :, sl]).view(bk, Q, p)
+        # the states entering the segment's chunks, again: step 2 (S = e^{Ā_end} Bnᵀ X) and step 3 from H0
+        e = eEnd[:, :, sl, None]
+        S = torch.bmm(Bn.transpose(1, 2), Xc, out=o('S', bk, n, p)).view(b, h, k, n * p).mul_(e)
+        H = _pass_states(S, e, H0, o('H', b, h, k, n * p))[0]
+        Hin = H.view(bk, n, p)
+        # step 3 backwards: dH_in = e^{Ā_end} dH_out + Cdᵀ dY, chunk by chunk from the last
+        R = torch.bmm(Cd.transpose(1, 2), dYc, out=o('R', bk, n, p)).view(b, h, k, n * p)
+        dS = o('dS', b, h, k, n * p)
+        dS[:, :, -1].copy_(g)
+        for j in range(k - 1, 0, -1): torch.addcmul(R[:, :, j], dS[:, :, j], e[:, :, j], out=dS[:, :, j - 1])
+        g = torch.addcmul(R[:, :, 0], dS[:, :, 0], e[:, :, 0])
+        dSe = dS.mul_(e).view(bk, n, p)                                               # e^{Ā_end} dH_out
+        # steps 1, 2, 4 backwards: Y = tril(Cd Bnᵀ) X + Cd H_in, S = e^{Ā_end} Bnᵀ X
+        G = torch.bmm(Cd, Bn.transpose(1, 2), out=o('G', bk, Q, Q)).tril_()
+        dG = torch.bmm(dYc, Xc.transpose(1, 2), out=o('dG', bk, Q, Q)).tril_()
+        P = torch.bmm(Bn, dSe, out=o('P', bk, Q, p))                                  # e^{Ā_end} Bn dH_out
+        dCd = torch.bmm(dG, Bn, out=o('dCd', bk, Q, n)).baddbmm_(dYc, Hin.transpose(1, 2))
+        dBn = torch.bmm(dG.transpose(1, 2), Cd, out=o('dBn', bk, Q, n)).baddbmm_(Xc, dSe.transpose(1, 2))
+        dXk = torch.baddbmm(P, G.transpose(1, 2), dYc, out=o('dX', bk, Q, p))
+        dak = torch.mul(dCd, Cd, out=o('t1', bk, Q, n)).sum(-1) - torch.mul(dBn, Bn, out=o('t2', bk, Q, n)).sum(-1)
+        dak[:, -1] += torch.mul(P, Xc, out=o('t3', bk, Q, p)).sum((1, 2)) + torch.mul(dSe, Hin, out=o('t4', bk, n, p)).sum((1, 2))
+        da[:, :, sl] = dak.view(b, h, k, Q)
+        dXv[:, :, sl] = dXk.view(b, h, k, Q, p)
+        torch.mul(dCd.view(b, h, k, Q, n), ea, out=dCv[:, :, sl])
+        torch.mul(dBn.view(b, h, k, Q, n), ean, out=dBv[:, :, sl])
+    dA = da.flip(-1).cumsum(-1).flip(-1).permute(0, 2, 3, 1).reshape(b, c * Q, h)      # Ā = cumsum(A) within chunks
+    return dX[:, :l], dA[:, :l], dB[:, :l], dC[:, :l], g
+
+class _FactorisedSSD(torch.autograd.Function):
+    "The factorised scan with its own backward: the segmented forward, keeping only the states entering its segments."
+    @staticmethod
+    def forward(ctx, X, A, B, C, state, Q):
+        Y, fin, starts = _ssd_forward(X, A, B, C, Q, state, grad=False, keep_states=True)
+        ctx.save_for_backward(X, A, B, C, *starts); ctx.Q = Q
+        return Y, fin
+    @staticmethod
+    def backward(ctx, dY, dfin):
+        X, A, B, C, *starts = ctx.saved_tensors
+        return (*_ssd_backward(dY, dfin, X, A, B, C, starts, ctx.Q), None)
+
+# %% ../nbs/04_ssm.ipynb #b7e0a5fc
 def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2 block)
         A: torch.Tensor, # `[b,l,h]` log decay per step, ≤ 0
         B: torch.Tensor, # `[b,l,h,n]`, or `[b,l,g,n]` with `g` dividing `h` (groups of heads share B)
@@ -138,32 +251,12 @@ def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2
     out_dtype = X.dtype
     wd = torch.promote_types(torch.promote_types(torch.promote_types(X.dtype, A.dtype), B.dtype), torch.float32)
     X, A, B, C = X.to(wd), A.to(wd), _heads(B, h).to(wd), _heads(C, h).to(wd)
-    floor = math.log(torch.finfo(wd).tiny) + 1                                       # keeps exp() out of subnormals
-    Q = min(chunk_size, l); c = -(-l // Q)
-    Ap = F.pad(A, (0, 0, 0, c * Q - l)) if c * Q > l else A                          # padding: A = 0 keeps the state
-    Acs = Ap.view(b, c, Q, h).permute(0, 3, 1, 2).cumsum(-1)                          # [b,h,c,Q]: Ā within chunks
-    eA, eEnd = Acs.clamp(min=floor).exp(), Acs[..., -1].clamp(min=floor).exp()      # e^{Ā_t}, e^{Ā_end}
-    eAn = (-Acs).exp() if bool(Acs[..., -1].min() >= -FACTOR_MAX) else None          # e^{-Ā_s} when it is safe
+    Q = min(chunk_size, l)
     state = X.new_zeros(b, h, n * p) if initial_states is None else initial_states.to(wd).transpose(-1, -2).reshape(b, h, n * p)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (X, A, B, C, state))
-    K = c if grad or X.device.type != 'cpu' else max(1, min(c, SEGMENT_BYTES // (X.element_size() * b * h * Q * max(p, n, Q))))
-    store = {}
-    def buf(name, *shape):                                                            # one buffer per role, reused by every segment
-        if name not in store: store[name] = X.new_empty(math.prod(shape))
-        return store[name][:math.prod(shape)].view(shape)
-    Ys = [] if grad or K == c else None
-    out = None if Ys is not None else X.new_empty(b, h, c * Q, p)
-    for k0 in range(0, c, K):
-        k1 = min(c, k0 + K); s0, s1 = k0 * Q, min(l, k1 * Q)
-        Xk, Bk, Ck = X[:, s0:s1], B[:, s0:s1], C[:, s0:s1]
-        if s1 - s0 < (k1 - k0) * Q:                                                   # zero-pad the last chunk: x = B = C = 0
-            Xk, Bk, Ck = (F.pad(t, (0, 0, 0, 0, 0, (k1 - k0) * Q - (s1 - s0))) for t in (Xk, Bk, Ck))
-        Xv, Bv, Cv = (t.view(b, k1 - k0, Q, h, -1).permute(0, 3, 1, 2, 4) for t in (Xk, Bk, Ck))   # [b,h,K,Q,·] views
-        Y, state = _ssd_segment(Xv, Bv, Cv, Acs[:, :, k0:k1], eA[:, :, k0:k1], None if eAn is None else eAn[:, :, k0:k1],
-                                eEnd[:, :, k0:k1], state, floor, None if grad else buf)
-        if Ys is None: out[:, :, s0:k1 * Q].copy_(Y)
-        else: Ys.append(Y)
-    Y = out if Ys is None else Ys[0] if len(Ys) == 1 else torch.cat(Ys, 2)
+    with torch.no_grad(): own_backward = grad and _factorisable(_chunk_cumsum(A, Q))
+    if own_backward: Y, state = _FactorisedSSD.apply(X, A, B, C, state, Q)
+    else: Y, state, _ = _ssd_forward(X, A, B, C, Q, state, grad)
     Y = Y[:, :, :l].transpose(1, 2).to(out_dtype)
     return (Y, state.view(b, h, n, p).transpose(-1, -2)) if return_final_states else Y
 
@@ -372,6 +465,20 @@ def bench(quick: bool = False, # short sequences (L=512) and fewer repeats, for 
     try: return _bench(quick, tuple(chunk_sizes), repeat or (1 if quick else 3))
     finally: torch.set_num_threads(before)
 
+def _gemm_only(b, L, h, p, n, Q, repeat):
+    """Median seconds of the four batched products `ssd` makes on the CPU (G = C·Bᵀ, G·X, Bᵀ·X, Y += C·H), on ready
+    contiguous operands in `ssd`'s segments: what `ssd` would cost if its scaling, copies and state passing were free."""
+    c = -(-L // Q)
+    K = max(1, min(c, SEGMENT_BYTES // (4 * b * h * Q * max(p, n, Q))))
+    bk = b * h * K
+    Cd, Xs, Y = torch.randn(bk, Q, n), torch.randn(bk, Q, p), torch.empty(bk, Q, p)
+    BT, G, S, H = torch.randn(bk, n, Q), torch.empty(bk, Q, Q), torch.empty(bk, n, p), torch.randn(bk, n, p)
+    def run():
+        for _ in range(-(-c // K)):
+            torch.bmm(Cd, BT, out=G); torch.bmm(G, Xs, out=Y); torch.bmm(BT, Xs, out=S); Y.baddbmm_(Cd, H)
+    run()
+    return statistics.median(_timed(run)[0] for _ in range(repeat))
+
 def _bench(quick, chunk_sizes, repeat):
     cases = [dict(name='h2_p32_n16', b=4, L=4096, h=2, p=32, n=16, goal_fwd=20.0, goal_fwd_bwd=None),
              dict(name='h4_p64_n64', b=4, L=4096, h=4, p=64, n=64, goal_fwd=5.0, goal_fwd_bwd=10.0)]
@@ -406,7 +513,8 @@ def _bench(quick, chunk_sizes, repeat):
         t = {km: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for km, v in runs.items()}
         rows = []
         for q in chunk_sizes:
-            r = dict(chunk_size=q, max_rel_diff=err[q])
+            r = dict(chunk_size=q, max_rel_diff=err[q], gemm_only_s=_gemm_only(b, L, h, p, n, q, 3 * repeat))
+            r['fwd_speedup_if_gemm_only'] = t['seq', 'fwd'][0] / r['gemm_only_s']
             for m in ('fwd', 'fwd_bwd'):
                 r[f'{m}_s'], r[f'{m}_cpu_s'] = t[q, m]
                 r[f'{m}_speedup'] = t['seq', m][0] / t[q, m][0]

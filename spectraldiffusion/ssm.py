@@ -254,7 +254,9 @@ def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2
     Q = min(chunk_size, l)
     state = X.new_zeros(b, h, n * p) if initial_states is None else initial_states.to(wd).transpose(-1, -2).reshape(b, h, n * p)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (X, A, B, C, state))
-    with torch.no_grad(): own_backward = grad and _factorisable(_chunk_cumsum(A, Q))
+    c = -(-l // Q)
+    segmented = X.device.type == 'cpu' and _segment_chunks(X.element_size(), b, h, Q, max(p, n), c) < c
+    with torch.no_grad(): own_backward = grad and segmented and _factorisable(_chunk_cumsum(A, Q))
     if own_backward: Y, state = _FactorisedSSD.apply(X, A, B, C, state, Q)
     else: Y, state, _ = _ssd_forward(X, A, B, C, Q, state, grad)
     Y = Y[:, :, :l].transpose(1, 2).to(out_dtype)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_cli.ipynb #34a55c5f
 from __future__ import annotations
-import argparse, importlib, json, pathlib, platform, sys, time
+import argparse, importlib, inspect, json, pathlib, platform, sys, time
 import torch
 from . import data
 from .evaluate import SEGMENTERS, get_segmenter
@@ -57,23 +57,32 @@ BENCHMARKS = {'metrics': 'spectraldiffusion.metrics', 'spectral': 'spectraldiffu
               'ssm': 'spectraldiffusion.ssm', 'slots': 'spectraldiffusion.slots', 'decoders': 'spectraldiffusion.decoders',
               'panoptic_eval': 'spectraldiffusion.panoptic_eval', 'data': 'spectraldiffusion.data'}
 
-def run_bench(name: str, quick: bool = False) -> dict:
-    "Run the benchmark `name` and return its table with the machine description."
+def run_bench(name: str, quick: bool = False, device: str | None = None) -> dict:
+    "Run the benchmark `name` (on `device` when it takes one; None: its default) and return its table with the machine description."
     if name not in BENCHMARKS: raise ValueError(f"name: unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}")
     mod = importlib.import_module(BENCHMARKS[name])
+    kw = {}
+    if device is not None:
+        if 'device' not in inspect.signature(mod.bench).parameters:
+            raise ValueError(f"device: the {name!r} benchmark runs on the CPU only; those that take a device: "
+                             f"{sorted(k for k, m in BENCHMARKS.items() if 'device' in inspect.signature(importlib.import_module(m).bench).parameters)}")
+        if torch.device(device).type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device: {device!r} asked for, but CUDA is not available here")
+        kw['device'] = device
     t0 = time.perf_counter()
-    res = mod.bench(quick=quick)
+    res = mod.bench(quick=quick, **kw)
     return {'benchmark': name, 'quick': quick, 'machine': {'platform': platform.platform(), 'python': platform.python_version(),
             'torch': torch.__version__, 'threads': torch.get_num_threads()}, 'seconds': time.perf_counter() - t0, 'results': res}
 
 def bench_main(argv: list[str] | None = None):
-    "Command line: `sd_bench NAME [--json FILE] [--quick]`."
+    "Command line: `sd_bench NAME [--json FILE] [--quick] [--device DEV]`."
     p = argparse.ArgumentParser(prog='sd_bench', description='Run a benchmark and print a JSON table of timings and ratios measured in the same run.')
     p.add_argument('name', choices=sorted(BENCHMARKS), help='which benchmark')
     p.add_argument('--json', default=None, help='also write the table to this file')
     p.add_argument('--quick', action='store_true', help='small sizes (seconds), for smoke tests')
+    p.add_argument('--device', default=None, help="where the measured code runs, e.g. cuda (spectral, ssm, slots; default: each benchmark's own)")
     a = p.parse_args(argv)
-    res = run_bench(a.name, a.quick)
+    try: res = run_bench(a.name, a.quick, a.device)
+    except ValueError as e: p.error(str(e))
     text = json.dumps(res, indent=2, default=float)
     print(text)
     if a.json: pathlib.Path(a.json).write_text(text + '\n', encoding='utf-8')

@@ -602,13 +602,14 @@ def _test_images(variant, n):
     first = lambda t, d: t if t.ndim == d else t[0]                              # `moving`: first frame
     return torch.stack([first(it['image'], 3) for it in items]), torch.stack([first(it['instances'], 2) for it in items])
 
-def _timed(fn, repeat=1):
+def _timed(fn, repeat=1, sync=lambda: None):
     best = math.inf
     for _ in range(repeat):
-        t = time.perf_counter(); out = fn(); best = min(best, time.perf_counter() - t)
+        sync(); t = time.perf_counter(); out = fn(); sync(); best = min(best, time.perf_counter() - t)
     return out, best
 
 def bench(quick: bool = False, # fewer images (finishes in well under 30 s)
+          device: str = 'cpu', # where our solvers run for the speed rows ('cuda': on a GPU; scikit-learn stays on the CPU)
          ) -> dict: # JSON-serialisable results
     "FG-ARI of the training-free segmenter vs colour k-means on every variant, and solver times vs scikit-learn."
     from sklearn.cluster import SpectralClustering
@@ -623,7 +624,8 @@ def bench(quick: bool = False, # fewer images (finishes in well under 30 s)
     threads = torch.get_num_threads()
     # one thread for everybody: the build machines are shared, and OpenMP threads waiting on each other made
     # torch up to 10x slower there; scikit-learn's BLAS is limited to one thread too
-    res = dict(quick=quick, k=k, threads=1, quality={}, speed={})
+    res = dict(quick=quick, k=k, threads=1, device=str(device), quality={}, speed={})
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == 'cuda' else (lambda: None)
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
@@ -639,24 +641,24 @@ def bench(quick: bool = False, # fewer images (finishes in well under 30 s)
             for side, n_img, n_sk in sizes:
                 img, _ = _test_images('clevr_like', n_img)
                 bb = LocalFeatures(stride=max(1, img.shape[-1] // side))
-                x = bb(img)[0]
+                x = bb(img)[0].to(device)
                 grid = bb.grid(img.shape[-2:])
                 mk = lambda: affinity(x, 10, 'euclidean', 'global', 0.02, 1e-3, 0, grid=grid, grid_weight=1.0)
-                Wa, t_aff = _timed(mk, 1 if quick else 2)
+                Wa, t_aff = _timed(mk, 1 if quick else 2, sync)
                 row = dict(tokens=list(grid), n_images=n_img, affinity_s_per_image=t_aff / n_img)
                 labels = {}
                 for solver in SOLVERS:
                     if solver != 'subspace' and side == 64 and quick: continue
                     m = n_img if solver == 'subspace' or side == 32 else 1
-                    W_ = Wa if m == n_img else torch.index_select(Wa, 0, torch.arange(m)).coalesce()
+                    W_ = Wa if m == n_img else torch.index_select(Wa, 0, torch.arange(m, device=Wa.device)).coalesce()
                     def run(): return spectral_clusters(laplacian_eigs(W_, k, solver, dense_below=0)[1], k, n_init=1)
-                    lab, t = _timed(run, 1 if quick or solver != 'subspace' else 2)
-                    labels[solver] = lab
+                    lab, t = _timed(run, 1 if quick or solver != 'subspace' else 2, sync)
+                    labels[solver] = lab = lab.cpu()
                     row[solver] = dict(n_images=m, s_per_image=t / m, with_affinity_s_per_image=t / m + t_aff / n_img)
                     if solver == 'subspace':                                            # the eigenvectors alone
-                        _, te = _timed(lambda: laplacian_eigs(W_, k, solver, dense_below=0), 1 if quick else 2)
+                        _, te = _timed(lambda: laplacian_eigs(W_, k, solver, dense_below=0), 1 if quick else 2, sync)
                         row[solver]['eigenvectors_s_per_image'] = te / m
-                Wd = Wa.coalesce()
+                Wd = Wa.cpu().coalesce()
                 sk_labels, t_sk, t_se = [], 0.0, 0.0
                 for b in range(n_sk):
                     sel = Wd.indices()[0] == b
@@ -670,7 +672,7 @@ def bench(quick: bool = False, # fewer images (finishes in well under 30 s)
                     t_se += time.perf_counter() - t
                 row['sklearn'] = dict(n_images=n_sk, s_per_image=t_sk / n_sk, eigenvectors_s_per_image=t_se / n_sk,
                                       eigen_solver='arpack', n_init=10)
-                strong = [sp.csr_matrix(Wa[b].to_dense().numpy() > 1e-5) for b in range(min(n_img, 4))]
+                strong = [sp.csr_matrix(Wd[b].to_dense().numpy() > 1e-5) for b in range(min(n_img, 4))]
                 row['parts_linked_above_1e-5'] = [int(sp.csgraph.connected_components(m_)[0]) for m_ in strong]
                 for solver, lab in labels.items():
                     r = row[solver]

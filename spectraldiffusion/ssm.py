@@ -451,49 +451,51 @@ class Scan2D(nn.Module):
         return ys.sum(1) if self.merge == 'sum' else ys.mean(1)
 
 # %% ../nbs/04_ssm.ipynb #2029b937
-def _timed(fn):
-    "Wall-clock and process CPU seconds of one call."
-    t0, c0 = time.perf_counter(), time.process_time(); fn()
+def _timed(fn, sync=lambda: None):
+    "Wall-clock and process CPU seconds of one call (`sync` waits for a GPU's queued work)."
+    sync(); t0, c0 = time.perf_counter(), time.process_time(); fn(); sync()
     return time.perf_counter() - t0, time.process_time() - c0
 
 def bench(quick: bool = False, # short sequences (L=512) and fewer repeats, for a smoke run
           chunk_sizes: tuple[int, ...] = (32, 64), # chunk lengths of `ssd` to time
           threads: int | None = 1, # torch intra-op threads during the run (None: leave as is); restored afterwards
           repeat: int | None = None, # consecutive timed calls per method and round (default 1 quick, 3 full)
+          device: str = 'cpu', # where both methods run ('cuda': a GPU; the recurrence is then bound by kernel launches)
          ) -> dict: # JSON-serialisable: sizes, seconds and speed-ups measured in this run
     "Forward and forward+backward time of `ssd` vs the sequential recurrence, measured in the same run."
     before = torch.get_num_threads()
     if threads is not None: torch.set_num_threads(threads)
-    try: return _bench(quick, tuple(chunk_sizes), repeat or (1 if quick else 3))
+    try: return _bench(quick, tuple(chunk_sizes), repeat or (1 if quick else 3), torch.device(device))
     finally: torch.set_num_threads(before)
 
-def _gemm_only(b, L, h, p, n, Q, repeat):
+def _gemm_only(b, L, h, p, n, Q, repeat, device=torch.device('cpu'), sync=lambda: None):
     """Median seconds of the four batched products `ssd` makes on the CPU (G = C·Bᵀ, G·X, Bᵀ·X, Y += C·H), on ready
     contiguous operands in `ssd`'s segments: what `ssd` would cost if its scaling, copies and state passing were free."""
     c = -(-L // Q)
-    K = max(1, min(c, SEGMENT_BYTES // (4 * b * h * Q * max(p, n, Q))))
-    bk = b * h * K
-    Cd, Xs, Y = torch.randn(bk, Q, n), torch.randn(bk, Q, p), torch.empty(bk, Q, p)
-    BT, G, S, H = torch.randn(bk, n, Q), torch.empty(bk, Q, Q), torch.empty(bk, n, p), torch.randn(bk, n, p)
+    K = _segment_chunks(4, b, h, Q, max(p, n), c) if device.type == 'cpu' else c
+    bk, kw = b * h * K, dict(device=device)
+    Cd, Xs, Y = torch.randn(bk, Q, n, **kw), torch.randn(bk, Q, p, **kw), torch.empty(bk, Q, p, **kw)
+    BT, G, S, H = torch.randn(bk, n, Q, **kw), torch.empty(bk, Q, Q, **kw), torch.empty(bk, n, p, **kw), torch.randn(bk, n, p, **kw)
     def run():
         for _ in range(-(-c // K)):
             torch.bmm(Cd, BT, out=G); torch.bmm(G, Xs, out=Y); torch.bmm(BT, Xs, out=S); Y.baddbmm_(Cd, H)
     run()
-    return statistics.median(_timed(run)[0] for _ in range(repeat))
+    return statistics.median(_timed(run, sync)[0] for _ in range(repeat))
 
-def _bench(quick, chunk_sizes, repeat):
+def _bench(quick, chunk_sizes, repeat, device):
     cases = [dict(name='h2_p32_n16', b=4, L=4096, h=2, p=32, n=16, goal_fwd=20.0, goal_fwd_bwd=None),
              dict(name='h4_p64_n64', b=4, L=4096, h=4, p=64, n=64, goal_fwd=5.0, goal_fwd_bwd=10.0)]
     load = lambda: [round(v, 2) for v in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-    out = dict(quick=quick, dtype='float32', device='cpu', threads=torch.get_num_threads(), repeat=repeat,
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    out = dict(quick=quick, dtype='float32', device=str(device), threads=torch.get_num_threads(), repeat=repeat,
                timing='median of consecutive calls (after a warm-up), forward over two rounds; *_s wall-clock, *_cpu_s process CPU time', loadavg_before=load(), cases=[])
     for case in cases:
         if quick: case['L'] = 512
         b, L, h, p, n = (case[k] for k in 'bLhpn')
         g = torch.Generator().manual_seed(0)
-        X, B, C = (torch.randn(b, L, h, d, generator=g) for d in (p, n, n))
-        A = -F.softplus(torch.randn(b, L, h, generator=g) - 3)                      # Δ·A of a typical Mamba-2 layer
-        gY = torch.randn(b, L, h, p, generator=g)
+        X, B, C = (torch.randn(b, L, h, d, generator=g).to(device) for d in (p, n, n))
+        A = (-F.softplus(torch.randn(b, L, h, generator=g) - 3)).to(device)         # Δ·A of a typical Mamba-2 layer
+        gY = torch.randn(b, L, h, p, generator=g).to(device)
         leaves = [v.clone().requires_grad_() for v in (X, A, B, C)]
         def fwd_bwd(fn):
             for v in leaves: v.grad = None
@@ -508,14 +510,14 @@ def _bench(quick, chunk_sizes, repeat):
             for k, fn in fns.items():
                 with torch.no_grad():
                     fn(X, A, B, C)                                                    # warm-up
-                    for _ in range(repeat): runs[k, 'fwd'].append(_timed(lambda: fn(X, A, B, C)))
+                    for _ in range(repeat): runs[k, 'fwd'].append(_timed(lambda: fn(X, A, B, C), sync))
         for k, fn in fns.items():
             fwd_bwd(fn)                                                               # warm-up, the recurrence's too: its first
-            for _ in range(repeat): runs[k, 'fwd_bwd'].append(_timed(lambda: fwd_bwd(fn)))   # call page-faults for a second
+            for _ in range(repeat): runs[k, 'fwd_bwd'].append(_timed(lambda: fwd_bwd(fn), sync))   # call page-faults for a second
         t = {km: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for km, v in runs.items()}
         rows = []
         for q in chunk_sizes:
-            r = dict(chunk_size=q, max_rel_diff=err[q], gemm_only_s=_gemm_only(b, L, h, p, n, q, 3 * repeat))
+            r = dict(chunk_size=q, max_rel_diff=err[q], gemm_only_s=_gemm_only(b, L, h, p, n, q, 3 * repeat, device, sync))
             r['fwd_speedup_if_gemm_only'] = t['seq', 'fwd'][0] / r['gemm_only_s']
             for m in ('fwd', 'fwd_bwd'):
                 r[f'{m}_s'], r[f'{m}_cpu_s'] = t[q, m]

@@ -67,3 +67,11 @@ def test_bench_metrics_quick(tmp_path):
     run('sd_bench', 'metrics', '--quick', '--json', tmp_path / 'b.json')
     res = json.loads((tmp_path / 'b.json').read_text())
     assert res['benchmark'] == 'metrics' and res['quick'] is True and res['results']
+
+
+def test_bench_device_option(tmp_path):
+    run('sd_bench', 'ssm', '--quick', '--device', 'cpu', '--json', tmp_path / 's.json')
+    res = json.loads((tmp_path / 's.json').read_text())['results']
+    assert res['device'] == 'cpu' and all(r['gemm_only_s'] > 0 for c in res['cases'] for r in c['ssd'])
+    p = run('sd_bench', 'metrics', '--device', 'cpu', check=False)
+    assert p.returncode != 0 and 'runs on the CPU only' in p.stderr

@@ -868,6 +868,8 @@ d = { 'settings': { 'branch': 'main',
                                                                                       'spectraldiffusion/train.py'),
                                          'spectraldiffusion.train.set_rng_state': ( 'train.html#set_rng_state',
                                                                                     'spectraldiffusion/train.py'),
+                                         'spectraldiffusion.train.training_data': ( 'train.html#training_data',
+                                                                                    'spectraldiffusion/train.py'),
                                          'spectraldiffusion.train.validate': ('train.html#validate', 'spectraldiffusion/train.py'),
                                          'spectraldiffusion.train.warmup_cosine': ( 'train.html#warmup_cosine',
                                                                                     'spectraldiffusion/train.py')}}}

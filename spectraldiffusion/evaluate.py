@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog='sd_evaluate', description='Score trained models and baseline segmenters on the built-in benchmark or a dataset folder; writes metrics.json, figures and report.md.')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--checkpoint', nargs='+', default=[], help='trained runs to score, as DIR or NAME=DIR')
-    p.add_argument('--data', default=None, help='a dataset folder to score on instead of the benchmark (COCO panoptic as written by sd_data)')
+    p.add_argument('--data', default=None, help='a dataset to score on instead of the benchmark: a folder or file in any format data.open_dataset reads (sd_data export, COCO panoptic, Cityscapes, DAVIS-style video, TFRecord), or kind:path')
     p.add_argument('--variants', nargs='+', default=None, help=f'benchmark variants (default: the checkpoints\' training variant, else all of {list(data.VARIANTS)})')
     p.add_argument('--methods', nargs='+', default=None, help=f'baseline segmenters (default: every available one of {[m for m in SEGMENTERS if m != "checkpoint"]})')
     p.add_argument('--n', type=int, default=100, help='test images per variant (default 100)')
@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None):
         if variants is None and ckpts:
             from spectraldiffusion.train import find_checkpoint
             st = [json.loads((find_checkpoint(c) / 'state.json').read_text())['state'] for c in ckpts.values()]
+            roots = sorted({s['config']['data'].get('root') for s in st} - {None})
+            if roots and not a.data:
+                raise ValueError(f"--checkpoint: trained on {roots[0]!r}, not on the built-in benchmark; pass --data DIR to score it "
+                                 f"on a dataset (e.g. that one's validation split), or --variants to score it on the benchmark")
             variants = sorted({s['config']['data']['variant'] for s in st})
         dataset = None
         if a.data:

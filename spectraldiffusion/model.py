@@ -102,10 +102,15 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    variant: str = 'textured'
-    image_size: int = 64
-    n_train: int = 2000
-    n_val: int = 100
+    variant: str = 'textured'            # built-in benchmark variant (when `root` is null)
+    image_size: int = 64                 # image side: the benchmark's size, or a dataset's shorter side resize + centre crop
+    n_train: int = 2000                  # training items (at most)
+    n_val: int = 100                     # validation items (at most)
+    root: Optional[str] = None           # a dataset to train on instead: a path or 'kind:path' (see `data.open_dataset`)
+    train_split: Optional[str] = None    # its training split (null: the reader's default, e.g. the only one there)
+    val_root: Optional[str] = None       # validation data (null: `root`)
+    val_split: Optional[str] = None      # its split; with val_root and val_split both null, the first n_val items of
+                                         # the training split are held out for validation
 
 @dataclass
 class LogConfig:
@@ -146,8 +151,9 @@ def _validate(cfg: DictConfig) -> DictConfig:
     if cfg.optim.steps < 1: raise ValueError(f"config key 'optim.steps': expected ≥ 1, got {cfg.optim.steps}")
     if (cfg.slots.init == 'spectral' or cfg.loss.spectral) and not cfg.spectral.enabled:
         raise ValueError("config key 'spectral.enabled': slots.init='spectral' and loss.spectral > 0 need spectral segments")
-    if cfg.loss.temporal and cfg.data.variant != 'moving':
-        raise ValueError(f"config key 'loss.temporal': slot consistency across frames needs clips (data.variant='moving'), got {cfg.data.variant!r}")
+    if cfg.loss.temporal and (cfg.data.root is not None or cfg.data.variant != 'moving'):
+        raise ValueError(f"config key 'loss.temporal': slot consistency across frames needs the built-in clips (data.variant='moving', "
+                         f"data.root null), got variant {cfg.data.variant!r}, root {cfg.data.root!r}")
     if cfg.loss.kl and cfg.slots.variant != 'probabilistic':
         raise ValueError("config key 'loss.kl': the identifiability KL needs slots.variant='probabilistic'")
     sc = list(cfg.spectral.scales)

@@ -12,7 +12,8 @@ from safetensors.torch import save_file, load_file
 
 # %% auto #0
 __all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'warmup_cosine', 'EMA',
-           'batch_indices', 'validate', 'prepare_latents', 'log_images', 'fit', 'load_model', 'launch', 'main']
+           'batch_indices', 'validate', 'training_data', 'prepare_latents', 'log_images', 'fit', 'load_model', 'launch',
+           'main']
 
 # %% ../nbs/10_train.ipynb #eec666db
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -157,6 +158,29 @@ def validate(model, cache, image_size, masks, batch_size: int = 32) -> dict:
     fg = metrics.fg_ari(pred, masks, empty='nan'); mb = metrics.mbo(pred, masks, empty='nan')
     return {'val/fg_ari': float(fg[~fg.isnan()].mean()), 'val/mbo': float(mb[~mb.isnan()].mean())}
 
+# %% ../nbs/10_train.ipynb #1b214c2e
+def training_data(cfg, # a configuration from `load_config` (`cfg.data`)
+                 ) -> tuple: # (training dataset, validation dataset) of panoptic items
+    """The run's data: the built-in benchmark's train and val splits, or a dataset folder (`cfg.data.root`, any format
+    `data.open_dataset` reads: COCO panoptic, Cityscapes, DAVIS-style video, multi-object TFRecords, `sd_data` exports),
+    each image resized on its shorter side and centre-cropped to `image_size`. Training uses only the images;
+    validation also the instance masks."""
+    from torch.utils.data import Subset
+    from spectraldiffusion.data import BenchmarkDataset, CenterCrop, Compose, Resize, open_dataset
+    d = cfg.data
+    if d.root is None:
+        return (BenchmarkDataset(d.variant, 'train', n=d.n_train, image_size=d.image_size),
+                BenchmarkDataset(d.variant, 'val', n=d.n_val, image_size=d.image_size))
+    tf = Compose(Resize(d.image_size), CenterCrop(d.image_size))
+    train = open_dataset(d.root, d.train_split, transform=tf)
+    if d.val_root is None and d.val_split is None:                               # hold out the first n_val items
+        if len(train) <= d.n_val:
+            raise ValueError(f"config key 'data.n_val': {d.root!r} holds {len(train)} items, not more than n_val={d.n_val}; "
+                             f"lower it or name validation data with data.val_root / data.val_split")
+        return Subset(train, range(d.n_val, min(len(train), d.n_val + d.n_train))), Subset(train, range(d.n_val))
+    val = open_dataset(d.root if d.val_root is None else d.val_root, d.val_split, transform=tf)
+    return Subset(train, range(min(len(train), d.n_train))), Subset(val, range(min(len(val), d.n_val)))
+
 # %% ../nbs/10_train.ipynb #5ae7fc13
 def prepare_latents(model, # `SpectralDiffusionModel` with decoder.kind='diffusion' (unwrapped)
                     cache, # the training `FeatureCache` (must hold images)
@@ -211,14 +235,14 @@ def fit(cfg, # a configuration from `load_config`
         resume: bool = True, # continue from `out`'s checkpoint when there is one
         stop_after: int | None = None, # stop (with a checkpoint) after this step, as if killed (tests)
        ) -> dict: # final state: step, losses, validation metrics
-    "Train the composed model of `cfg` on the built-in benchmark; resumable, logged, checkpointed."
+    "Train the composed model of `cfg` on the built-in benchmark or a dataset folder; resumable, logged, checkpointed."
     from accelerate import Accelerator
     from accelerate.utils import set_seed, DistributedDataParallelKwargs
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
     from spectraldiffusion.model import build_backbone, FeatureCache, SpectralDiffusionModel
     from spectraldiffusion.losses import combine_losses
-    from spectraldiffusion.data import BenchmarkDataset, make_loader
+    from spectraldiffusion.data import make_loader
     t_start = time.time()
     out = pathlib.Path(out)
     acc = Accelerator(mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -229,9 +253,8 @@ def fit(cfg, # a configuration from `load_config`
     set_seed(cfg.seed)
     backbone = build_backbone(cfg).to(acc.device)
     need_images = cfg.decoder.kind in ('broadcast', 'diffusion')
-    train = FeatureCache.build(BenchmarkDataset(cfg.data.variant, 'train', n=cfg.data.n_train, image_size=cfg.data.image_size),
-                               backbone, cfg, keep_images=need_images, progress=cfg.log.progress and acc.is_main_process)
-    val_ds = BenchmarkDataset(cfg.data.variant, 'val', n=cfg.data.n_val, image_size=cfg.data.image_size)
+    train_ds, val_ds = training_data(cfg)
+    train = FeatureCache.build(train_ds, backbone, cfg, keep_images=need_images, progress=cfg.log.progress and acc.is_main_process)
     val = FeatureCache.build(val_ds, backbone, cfg)
     val_batches = list(make_loader(val_ds, 64))
     val_masks = torch.cat([b['instances'].flatten(0, -3) for b in val_batches])
@@ -360,7 +383,7 @@ def launch(cfg, # a configuration from `load_config`
 def main(argv: list[str] | None = None):
     "Command line: `sd_train --config PRESET --out DIR [key=value ...]`."
     from spectraldiffusion.model import load_config
-    p = argparse.ArgumentParser(prog='sd_train', description='Train the SpectralDiffusion model on the built-in benchmark (Accelerate: CPU, GPU, `accelerate launch` for DDP).',
+    p = argparse.ArgumentParser(prog='sd_train', description='Train the SpectralDiffusion model on the built-in benchmark or a dataset folder (data.root=PATH) (Accelerate: CPU, GPU, `accelerate launch` for DDP).',
                                 epilog='Overrides are key=value pairs of the configuration tree, e.g. slots.variant=mamba optim.steps=500.')
     p.add_argument('--config', default='demo', help='preset name (spectraldiffusion/configs/NAME.yaml) or a YAML path')
     p.add_argument('--out', required=True, help='run folder (checkpoints, logs); an existing run there is resumed')

@@ -84,3 +84,32 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match='corrupt'): load_model(run)
     (run / 'checkpoint.json').write_text('{not json')
     with pytest.raises(ValueError, match='corrupt'): load_model(run)
+
+
+def test_train_on_a_dataset_folder_then_evaluate_there(tmp_path):
+    """sd_train reads an sd_data export (any open_dataset format) with data.root; sd_evaluate scores the run there."""
+    sd('sd_data', '--variant', 'clevr_like', '--split', 'train', '--n', 10, '--out', tmp_path / 'tr')
+    sd('sd_data', '--variant', 'clevr_like', '--split', 'val', '--n', 3, '--out', tmp_path / 'va')
+    run = tmp_path / 'run'
+    sd('sd_train', '--config', 'demo', '--out', run, *[t for t in TINY if not t.startswith('data.')], 'optim.steps=3',
+       f'data.root={tmp_path / "tr"}', f'data.val_root={tmp_path / "va"}', 'data.image_size=48', 'data.n_val=3')
+    res = json.loads((run / 'train_result.json').read_text())
+    assert res['step'] == 3 and 0 <= res['val/fg_ari'] <= 1
+    p = sd('sd_evaluate', '--out', tmp_path / 'ev0', '--checkpoint', run, '--methods', 'one_segment', check=False)
+    assert p.returncode != 0 and 'pass --data' in p.stderr
+    sd('sd_evaluate', '--out', tmp_path / 'ev', '--checkpoint', f'tiny={run}', '--data', tmp_path / 'va', '--methods', 'one_segment', '--n', 3)
+    m = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+    assert set(m['va']) == {'one_segment', 'tiny'} and 0 <= m['va']['tiny']['fg_ari'] <= 1
+
+
+def test_cityscapes_preset_reads_a_cityscapes_folder(tmp_path):
+    "The cityscapes preset with data.root: train split for training, val split for validation, resized and cropped."
+    from test_readers import cityscapes_tree
+    from spectraldiffusion.model import load_config
+    from spectraldiffusion.train import training_data
+    cityscapes_tree(tmp_path, 'train'); cityscapes_tree(tmp_path, 'val')
+    cfg = load_config('cityscapes', [f'data.root={tmp_path}', 'data.image_size=16', 'data.n_val=3'])
+    tr, va = training_data(cfg)
+    assert (len(tr), len(va)) == (4, 3)
+    assert tr[0]['image'].shape == (3, 16, 16) and va[2]['instances'].shape == (16, 16)
+    assert va[0]['name'].startswith('aachen/') and tr[3]['name'].startswith('zurich/')

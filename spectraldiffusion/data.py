@@ -24,7 +24,7 @@ __all__ = ['VARIANTS', 'SHAPES', 'SOLIDS', 'CLASS_NAMES', 'OBJECT_RANGE', 'DEFAU
            'resize_labels', 'resize_image', 'resize_item', 'crop_item', 'Resize', 'Crop', 'CenterCrop', 'RandomCrop',
            'Compose', 'cityscapes_classes', 'CityscapesPanoptic', 'CocoPanoptic', 'crc32c', 'masked_crc32c',
            'write_tfrecord', 'iter_tfrecord', 'tfrecord_offsets', 'BytesFeature', 'decode_example', 'encode_example',
-           'multi_object_item', 'MultiObjectTFRecord', 'load_index_png', 'VideoFolder', 'open_dataset']
+           'multi_object_item', 'MultiObjectTFRecord', 'load_index_png', 'VideoFolder', 'ImageFolder', 'open_dataset']
 
 # %% ../nbs/00_data.ipynb #d54eb3f8
 VARIANTS = ('multi_dsprites', 'clevr_like', 'textured', 'moving')
@@ -1495,7 +1495,23 @@ class VideoFolder(Dataset):
     def __repr__(self): return f"VideoFolder({str(self.root)!r}, mode={self.mode!r}, clip_len={self.clip_len}, n={len(self)})"
 
 # %% ../nbs/00_data.ipynb #b18c6f15
-DATASET_KINDS = ('builtin', 'coco', 'cityscapes', 'tfrecord', 'video')
+class ImageFolder(Dataset):
+    "Unlabelled images directly inside a folder (see `IMAGE_SUFFIXES`), sorted by name: items with an image only."
+    def __init__(self, root, # folder of images
+                 split: str | None = None, # a subfolder of `root` to read instead (e.g. 'train')
+                 transform: Callable[[dict], dict] | None = None, # applied to every item
+                ):
+        self.root = _need_dir(root, 'root')
+        self.files, self.transform, self.split = list_images(self.root if split is None else _need_dir(self.root / split, 'split')), transform, split
+    def __len__(self): return len(self.files)
+    def __getitem__(self, index):
+        index = _check_int(index, 'index')
+        if index < 0: index += len(self)
+        if not 0 <= index < len(self): raise IndexError(f"index: {index} out of range for {len(self)} items")
+        return _finish(dict(image=load_image(self.files[index]), name=self.files[index].name), index, self.transform)
+    def __repr__(self): return f"ImageFolder({str(self.root)!r}, split={self.split!r}, n={len(self)})"
+
+DATASET_KINDS = ('builtin', 'coco', 'cityscapes', 'tfrecord', 'video', 'images')
 
 def _detect(p: Path) -> str:
     if p.is_file():
@@ -1504,9 +1520,10 @@ def _detect(p: Path) -> str:
     if (p / 'panoptic.json').is_file() or list(p.glob('annotations/panoptic_*.json')): return 'coco'
     if (p / 'leftImg8bit').is_dir() and (p / 'gtFine').is_dir(): return 'cityscapes'
     if (p / 'JPEGImages').is_dir() and (p / 'Annotations').is_dir(): return 'video'
+    if any(q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES for q in p.iterdir()): return 'images'
     raise ValueError(f"path_or_spec: cannot tell the dataset format of {str(p)!r}; looked for a .tfrecord(s) file, "
                      f"panoptic.json (sd_data), annotations/panoptic_<split>.json (COCO), leftImg8bit/ + gtFine/ (Cityscapes), "
-                     f"JPEGImages/ + Annotations/ (DAVIS-style video); prefix the path with one of {', '.join(k + ':' for k in DATASET_KINDS)} "
+                     f"JPEGImages/ + Annotations/ (DAVIS-style video), image files (unlabelled); prefix the path with one of {', '.join(k + ':' for k in DATASET_KINDS)} "
                      f"or name a built-in variant ({', '.join(VARIANTS)})")
 
 def open_dataset(path_or_spec, # a path, 'kind:path', or a built-in variant name
@@ -1528,5 +1545,6 @@ def open_dataset(path_or_spec, # a path, 'kind:path', or a built-in variant name
         if split is not None: raise ValueError("split: a TFRecord file is one split; pass the file of the split you want")
         return MultiObjectTFRecord(p, **kw)
     if kind == 'coco': return CocoPanoptic(p, split, **kw)
+    if kind == 'images': return ImageFolder(p, split, **kw)
     if kind == 'cityscapes': return CityscapesPanoptic(p, split or 'val', **kw)
     return VideoFolder(p, split, **kw)

@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None):
         if a.data:
             opener = getattr(data, 'open_dataset', None)
             dataset = (pathlib.Path(a.data).name, opener(a.data) if opener else data.read_coco_panoptic(a.data))
+            if len(dataset[1]) == 0 or 'instances' not in dataset[1][0]:
+                raise ValueError(f"--data: {a.data!r} has no instance masks to score against (a folder of unlabelled images?)")
         res = baseline_report(a.out, variants, a.methods, a.n, checkpoints=ckpts, dataset=dataset)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     print(json.dumps({v: {m: {k: round(x, 4) for k, x in r.items() if k in ('fg_ari', 'mbo', 'pq')} for m, r in vr.items()} for v, vr in res.items()}, indent=1))

@@ -163,8 +163,8 @@ def training_data(cfg, # a configuration from `load_config` (`cfg.data`)
                  ) -> tuple: # (training dataset, validation dataset) of panoptic items
     """The run's data: the built-in benchmark's train and val splits, or a dataset folder (`cfg.data.root`, any format
     `data.open_dataset` reads: COCO panoptic, Cityscapes, DAVIS-style video, multi-object TFRecords, `sd_data` exports),
-    each image resized on its shorter side and centre-cropped to `image_size`. Training uses only the images;
-    validation also the instance masks."""
+    or a plain folder of unlabelled images), each image resized on its shorter side and centre-cropped to
+    `image_size`. Training uses only the images; validation also the instance masks, when the data has them."""
     from torch.utils.data import Subset
     from spectraldiffusion.data import BenchmarkDataset, CenterCrop, Compose, Resize, open_dataset
     d = cfg.data
@@ -257,9 +257,10 @@ def fit(cfg, # a configuration from `load_config`
     train = FeatureCache.build(train_ds, backbone, cfg, keep_images=need_images, progress=cfg.log.progress and acc.is_main_process)
     val = FeatureCache.build(val_ds, backbone, cfg)
     val_batches = list(make_loader(val_ds, 64))
-    val_masks = torch.cat([b['instances'].flatten(0, -3) for b in val_batches])
+    val_masks = (torch.cat([b['instances'].flatten(0, -3) for b in val_batches])
+                 if 'instances' in val_batches[0] else None)                      # unlabelled images: no mask metrics
     val_images = torch.cat([b['image'].flatten(0, -4) for b in val_batches[:1]])[:4]     # pictures for TensorBoard
-    image_size = tuple(val_masks.shape[-2:])
+    image_size = tuple(val_images.shape[-2:])
     frames = train.frames if cfg.loss.temporal else 1                            # loss.temporal: batches of whole clips
     model = SpectralDiffusionModel(cfg, train.tokens.shape[-1], train.grid, image_size[0])
     # frozen parts (the diffusion decoder's autoencoder) stay out of the optimizer, so no stray update can reach them
@@ -322,7 +323,7 @@ def fit(cfg, # a configuration from `load_config`
     result = {'step': done, 'train': last, 'seconds': time.time() - t_start, 'setup_seconds': setup_s,
               'processes': acc.num_processes}
     if acc.is_main_process:
-        result.update(validate(final, val, image_size, val_masks))
+        if val_masks is not None: result.update(validate(final, val, image_size, val_masks))
         if writer:
             for k, v in result.items():
                 if k.startswith('val/'): writer.add_scalar(k, v, done)

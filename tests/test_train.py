@@ -113,3 +113,15 @@ def test_cityscapes_preset_reads_a_cityscapes_folder(tmp_path):
     assert (len(tr), len(va)) == (4, 3)
     assert tr[0]['image'].shape == (3, 16, 16) and va[2]['instances'].shape == (16, 16)
     assert va[0]['name'].startswith('aachen/') and tr[3]['name'].startswith('zurich/')
+
+
+def test_train_on_unlabelled_images(tmp_path):
+    "A plain folder of images trains (the first n_val held out, no mask metrics); sd_evaluate refuses to score on it."
+    sd('sd_data', '--variant', 'multi_dsprites', '--split', 'train', '--n', 10, '--out', tmp_path / 'tr')
+    run = tmp_path / 'run'
+    sd('sd_train', '--config', 'demo', '--out', run, *[t for t in TINY if not t.startswith('data.')], 'optim.steps=2',
+       f'data.root={tmp_path / "tr" / "images"}', 'data.n_val=2')
+    res = json.loads((run / 'train_result.json').read_text())
+    assert res['step'] == 2 and not any(k.startswith('val/') for k in res)
+    p = sd('sd_evaluate', '--out', tmp_path / 'ev', '--checkpoint', run, '--data', tmp_path / 'tr' / 'images', check=False)
+    assert p.returncode != 0 and 'no instance masks' in p.stderr

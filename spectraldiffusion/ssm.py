@@ -128,6 +128,14 @@ def _chunk_cumsum(A, Q):
 
 def _factorisable(Acs): return bool(Acs[..., -1].min() >= -FACTOR_MAX)               # e^{±Ā} within [e^-40, e^40]
 
+def _workspace(x):
+    "`buf(name, *shape)`: one buffer per role (`x`'s dtype and device), reused by every segment and grown when a later one is larger."
+    store = {}
+    def buf(name, *shape):
+        if name not in store or store[name].numel() < math.prod(shape): store[name] = x.new_empty(math.prod(shape))
+        return store[name][:math.prod(shape)].view(shape)
+    return buf
+
 def _segment_chunks(itemsize, b, h, Q, width, c):
     "Chunks per segment on the CPU: temporaries `[b,h,K,Q,max(width,Q)]` of about `SEGMENT_BYTES`."
     return max(1, min(c, SEGMENT_BYTES // (itemsize * b * h * Q * max(width, Q))))
@@ -143,10 +151,7 @@ def _ssd_forward(X, A, B, C, Q, state, grad, keep_states=False):
     eA, eEnd = Acs.clamp(min=floor).exp(), Acs[..., -1].clamp(min=floor).exp()      # e^{Ā_t}, e^{Ā_end}
     eAn = (-Acs).exp() if _factorisable(Acs) else None                               # e^{-Ā_s} when it is safe
     K = c if grad or X.device.type != 'cpu' else _segment_chunks(X.element_size(), b, h, Q, max(p, n), c)
-    store = {}
-    def buf(name, *shape):                                                            # one buffer per role, reused by every segment
-        if name not in store: store[name] = X.new_empty(math.prod(shape))
-        return store[name][:math.prod(shape)].view(shape)
+    buf = _workspace(X)
     Ys = [] if grad or K == c else None
     out = None if Ys is not None else X.new_empty(b, h, c * Q, p)
     starts = [] if keep_states else None                                             # the state entering each segment
@@ -180,10 +185,7 @@ def _ssd_backward(dY, dfin, X, A, B, C, starts, Q):
     da = X.new_empty(b, h, c, Q)                                                      # gradient of Ā
     g = X.new_zeros(b, h, n * p) if dfin is None else dfin.contiguous()               # gradient of the state leaving a chunk
     K = c if X.device.type != 'cpu' else _segment_chunks(X.element_size(), b, h, Q, max(p, n), c)
-    store = {}
-    def o(name, *shape):                                                              # one buffer per role, reused by every segment
-        if name not in store or store[name].numel() < math.prod(shape): store[name] = X.new_empty(math.prod(shape))
-        return store[name][:math.prod(shape)].view(shape)                             # (the last segment may be short)
+    o = _workspace(X)                                                                 # (the last segment may be short)
     for k0, H0 in zip(reversed(range(0, c, K)), reversed(starts)):                    # the forward's segments, last first
         k1 = min(c, k0 + K); sl, k, bk = slice(k0, k1), k1 - k0, b * h * (k1 - k0)
         ea, ean = eA[:, :, sl, :, None], eAn[:, :, sl, :, None]

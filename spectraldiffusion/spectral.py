@@ -250,7 +250,8 @@ def chebyshev_filter(op: BlockCSR, # the batch's matrices `A` (`affinity_operato
     early = {}                                                                       # item b keeps T_{m_b}: the rows
     if per_item:                                                                     # of items that stop before `top`
         items = {j: (degree == j).nonzero().flatten().to(X.device) for j in degree.unique().tolist() if j < top}
-    keep = lambda j: early.__setitem__(j, Y.view(B, N, p).index_select(0, items[j])) if per_item and j in items else None
+    def keep(j):                                                                     # the rows of items whose degree is j
+        if per_item and j in items: early[j] = Y.view(B, N, p).index_select(0, items[j])
     keep(1)
     for j in range(2, top + 1):
         X.addmm_(M, Y, beta=-1, alpha=2)                                             # T_{j+1} = 2M T_j − T_{j−1}, in

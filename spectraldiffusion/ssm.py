@@ -94,7 +94,7 @@ def _pass_states(S, e, state, H=None):
     return H, torch.addcmul(Sl[-1], Hl[-1], el[-1])
 
 def _ssd_segment(Xv, Bv, Cv, Acs, eA, eAn, eEnd, state, floor, buf):
-    "Steps 1-4 for `K` consecutive chunks: views `[b,h,K,Q,·]`, decays `[b,h,K,Q]`; returns (`Y [b,h,K*Q,p]`, next state, states entering the chunks)."
+    "Steps 1-4 for `K` consecutive chunks: views `[b,h,K,Q,·]`, decays `[b,h,K,Q]`; returns (`Y [b,h,K*Q,p]`, next state)."
     b, h, K, Q, p = Xv.shape; n = Bv.shape[-1]
     o = (lambda name, *shape: None) if buf is None else buf                        # out= buffers (None: autograd)
     BT = Bv.transpose(-1, -2).contiguous() if buf is None else o('BT', b, h, K, n, Q).copy_(Bv.transpose(-1, -2))
@@ -113,7 +113,7 @@ def _ssd_segment(Xv, Bv, Cv, Acs, eA, eAn, eEnd, state, floor, buf):
         S = torch.bmm((BT * (Acs[..., -1:] - Acs).clamp_(min=floor).exp_()[..., None, :]).view(-1, n, Q), Xc).view(b, h, K, n * p)
     if eAn is not None: S = torch.mul(S, eEnd[..., None], out=None if buf is None else S)   # × e^{Ā_end}: the chunk's state
     HT, state = _pass_states(S, eEnd[..., None], state, o('H', b, h, K, n * p))
-    return Y.baddbmm_(Cd, HT.view(-1, n, p)).view(b, h, K * Q, p), state, HT
+    return Y.baddbmm_(Cd, HT.view(-1, n, p)).view(b, h, K * Q, p), state
 
 # %% ../nbs/04_ssm.ipynb #b288dbbf
 def _auto_chunk(n, p):
@@ -162,8 +162,8 @@ def _ssd_forward(X, A, B, C, Q, state, grad, keep_states=False):
             Xk, Bk, Ck = (F.pad(t, (0, 0, 0, 0, 0, (k1 - k0) * Q - (s1 - s0))) for t in (Xk, Bk, Ck))
         Xv, Bv, Cv = (t.view(b, k1 - k0, Q, h, -1).permute(0, 3, 1, 2, 4) for t in (Xk, Bk, Ck))   # [b,h,K,Q,·] views
         if keep_states: starts.append(state.clone())
-        Y, state, _ = _ssd_segment(Xv, Bv, Cv, Acs[:, :, k0:k1], eA[:, :, k0:k1], None if eAn is None else eAn[:, :, k0:k1],
-                                    eEnd[:, :, k0:k1], state, floor, None if grad else buf)
+        Y, state = _ssd_segment(Xv, Bv, Cv, Acs[:, :, k0:k1], eA[:, :, k0:k1], None if eAn is None else eAn[:, :, k0:k1],
+                                eEnd[:, :, k0:k1], state, floor, None if grad else buf)
         if Ys is None: out[:, :, s0:k1 * Q].copy_(Y)
         else: Ys.append(Y)
     Y = out if Ys is None else Ys[0] if len(Ys) == 1 else torch.cat(Ys, 2)

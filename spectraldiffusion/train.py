@@ -161,10 +161,9 @@ def validate(model, cache, image_size, masks, batch_size: int = 32) -> dict:
 # %% ../nbs/10_train.ipynb #1b214c2e
 def training_data(cfg, # a configuration from `load_config` (`cfg.data`)
                  ) -> tuple: # (training dataset, validation dataset) of panoptic items
-    """The run's data: the built-in benchmark's train and val splits, or a dataset folder (`cfg.data.root`, any format
-    `data.open_dataset` reads: COCO panoptic, Cityscapes, DAVIS-style video, multi-object TFRecords, `sd_data` exports),
-    or a plain folder of unlabelled images), each image resized on its shorter side and centre-cropped to
-    `image_size`. Training uses only the images; validation also the instance masks, when the data has them."""
+    """The run's data: the built-in benchmark's train and val splits, or the dataset at `cfg.data.root` in any format
+    `data.open_dataset` reads (COCO panoptic, Cityscapes, DAVIS-style video, multi-object TFRecords, `sd_data` exports,
+    a plain folder of unlabelled images), each image resized on its shorter side and centre-cropped to `image_size`. Training uses only the images; validation also the instance masks, when the data has them."""
     from torch.utils.data import Subset
     from spectraldiffusion.data import BenchmarkDataset, CenterCrop, Compose, Resize, open_dataset
     d = cfg.data

@@ -16,6 +16,7 @@ __all__ = ['BENCHMARKS', 'segment_folder', 'segment_main', 'run_bench', 'bench_m
 def segment_folder(method: str, # a segmenter name (see `SEGMENTERS`)
                    input, # folder of images
                    out, # output folder for the id PNGs (created)
+                   max_side: int | None = 1024, # larger images are segmented at this longer side (see `get_segmenter`)
                    **kwargs, # passed to the segmenter's factory
                   ) -> list[pathlib.Path]: # the written files
     "Segment every image in `input` with `method` and write `out/<name>.png` instance-id maps."
@@ -27,7 +28,7 @@ def segment_folder(method: str, # a segmenter name (see `SEGMENTERS`)
         if dst in dsts: raise ValueError(f"input: {dsts[dst].name!r} and {p.name!r} would both be written to {str(dst)!r}; rename one")
         if dst.resolve() in inputs: raise ValueError(f"out: writing {str(dst)!r} would overwrite the input image; choose another output folder")
         dsts[dst] = p
-    seg = get_segmenter(method, **kwargs)
+    seg = get_segmenter(method, max_side=max_side, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for dst, p in dsts.items():
@@ -42,13 +43,16 @@ def segment_main(argv: list[str] | None = None):
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--k', type=int, default=None, help='number of segments (colour_kmeans, spectral)')
     p.add_argument('--checkpoint', default=None, help='run or checkpoint folder (method checkpoint)')
+    p.add_argument('--max-side', type=int, default=1024, help='larger images are segmented at this longer side and their maps '
+                   'resized back (default 1024, which keeps memory bounded; 0: full resolution)')
     a = p.parse_args(argv)
+    if a.max_side < 0: p.error('--max-side must be ≥ 0')
     kw = {} if a.k is None else {'k': a.k}
     if a.method == 'checkpoint':
         if a.checkpoint is None: p.error('--method checkpoint needs --checkpoint DIR')
         kw['checkpoint'] = a.checkpoint
     t0 = time.perf_counter()
-    try: files = segment_folder(a.method, a.input, a.out, **kw)
+    try: files = segment_folder(a.method, a.input, a.out, max_side=a.max_side or None, **kw)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     print(f"{len(files)} images segmented with {a.method} in {time.perf_counter() - t0:.1f} s → {a.out}")
 

@@ -12,8 +12,8 @@ from .cluster import colour_kmeans_segment, one_segment
 from . import data, metrics
 
 # %% auto #0
-__all__ = ['SEGMENTERS', 'get_segmenter', 'pq_from_counts', 'evaluate_segmenter', 'label_rgb', 'sample_figure', 'model_figures',
-           'diffusion_figure', 'available_methods', 'baseline_report', 'main']
+__all__ = ['SEGMENTERS', 'PIXELS_PER_CALL', 'get_segmenter', 'pq_from_counts', 'evaluate_segmenter', 'label_rgb', 'sample_figure',
+           'model_figures', 'diffusion_figure', 'available_methods', 'baseline_report', 'main']
 
 # %% ../nbs/11_evaluate.ipynb #687e8e6e
 def _spectral_segmenter(**kw):
@@ -34,12 +34,29 @@ SEGMENTERS: dict[str, Callable[..., Callable]] = {
     'checkpoint': _checkpoint_segmenter,
 }
 
+PIXELS_PER_CALL = 1 << 20 # a segmenter gets at most this many pixels per call (at least one image)
+
 def get_segmenter(name: str, # a key of `SEGMENTERS`
+                  max_side: int | None = 1024, # longer image side it works at: larger images are segmented at this size
+                                               # and their maps resized back (nearest); None: full resolution
                   **kwargs, # passed to the segmenter's factory
                  ) -> Callable[[torch.Tensor], torch.Tensor]:
-    "The segmenter called `name`, as a function images `[B,3,H,W]` → instance maps `[B,H,W]`."
+    """The segmenter called `name`, as a function images `[B,3,H,W]` → instance maps `[B,H,W]`. Its memory stays
+    bounded whatever the images: they are cut to `max_side` and passed on in groups of at most `PIXELS_PER_CALL` pixels."""
     if name not in SEGMENTERS: raise ValueError(f"method: unknown segmenter {name!r}; known: {sorted(SEGMENTERS)}")
-    return SEGMENTERS[name](**kwargs)
+    if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1):
+        raise ValueError(f"max_side: expected a positive int or None, got {max_side!r}")
+    seg = SEGMENTERS[name](**kwargs)
+    def run(images):
+        H, W = images.shape[-2:]
+        work = images
+        if max_side is not None and max(H, W) > max_side:
+            s = max_side / max(H, W)
+            work = data.resize_image(images, (max(1, round(H * s)), max(1, round(W * s))))
+        per = max(1, PIXELS_PER_CALL // (work.shape[-2] * work.shape[-1]))
+        out = seg(work) if len(work) <= per else torch.cat([seg(work[i:i + per]) for i in range(0, len(work), per)])
+        return out if work is images else data.resize_labels(out, (H, W))
+    return run
 
 # %% ../nbs/11_evaluate.ipynb #ef4809cd
 def _frames(batch):

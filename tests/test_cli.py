@@ -75,3 +75,22 @@ def test_bench_device_option(tmp_path):
     assert res['device'] == 'cpu' and all(r['gemm_only_s'] > 0 for c in res['cases'] for r in c['ssd'])
     p = run('sd_bench', 'metrics', '--device', 'cpu', check=False)
     assert p.returncode != 0 and 'runs on the CPU only' in p.stderr
+
+
+def test_segment_large_image_at_max_side(tmp_path):
+    "A 1200×1600 photo is segmented at 768×1024 by default and its map written at full size; --max-side 0 keeps it whole."
+    from spectraldiffusion import data
+    rng = np.random.default_rng(0)
+    img = np.zeros((1200, 1600, 3), np.uint8); img[:] = (30, 60, 90); img[300:700, 200:900] = (220, 40, 40)
+    img = (img + rng.integers(0, 8, img.shape)).astype(np.uint8)
+    (tmp_path / 'in').mkdir(); Image.fromarray(img).save(tmp_path / 'in' / 'photo.png')
+    run('sd_segment', '--method', 'colour_kmeans', '--k', 2, '--input', tmp_path / 'in', '--out', tmp_path / 'a')
+    run('sd_segment', '--method', 'colour_kmeans', '--k', 2, '--max-side', 0, '--input', tmp_path / 'in', '--out', tmp_path / 'b')
+    a, b = data.load_id_png(tmp_path / 'a' / 'photo.png'), data.load_id_png(tmp_path / 'b' / 'photo.png')
+    assert a.shape == b.shape == (1200, 1600)
+    red = torch.zeros(1200, 1600, dtype=torch.bool); red[300:700, 200:900] = True
+    for m in (a, b):                                                  # both find the red box (to a pixel or two at the edges)
+        inside = torch.mode(m[red]).values
+        assert ((m == inside) == red).float().mean() > 0.999
+    p = run('sd_segment', '--method', 'colour_kmeans', '--max-side', -1, '--input', tmp_path / 'in', '--out', tmp_path / 'c', check=False)
+    assert p.returncode != 0 and '--max-side' in p.stderr

@@ -232,7 +232,8 @@ class _FactorisedSSD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dY, dfin):
         X, A, B, C, *starts = ctx.saved_tensors
-        return (*_ssd_backward(dY, dfin, X, A, B, C, starts, ctx.Q), None)
+        with torch.autocast(X.device.type, enabled=False):
+            return (*_ssd_backward(dY.to(X.dtype), dfin.to(X.dtype), X, A, B, C, starts, ctx.Q), None)
 
 # %% ../nbs/04_ssm.ipynb #b7e0a5fc
 def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2 block)
@@ -258,9 +259,10 @@ def ssd(X: torch.Tensor, # `[b,l,h,p]` inputs (already scaled by Δ in a Mamba-2
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (X, A, B, C, state))
     c = -(-l // Q)
     segmented = X.device.type == 'cpu' and _segment_chunks(X.element_size(), b, h, Q, max(p, n), c) < c
-    with torch.no_grad(): own_backward = grad and segmented and _factorisable(_chunk_cumsum(A, Q))
-    if own_backward: Y, state = _FactorisedSSD.apply(X, A, B, C, state, Q)
-    else: Y, state, _ = _ssd_forward(X, A, B, C, Q, state, grad)
+    with torch.autocast(X.device.type, enabled=False):                               # the scan stays in `wd` under autocast
+        with torch.no_grad(): own_backward = grad and segmented and _factorisable(_chunk_cumsum(A, Q))
+        if own_backward: Y, state = _FactorisedSSD.apply(X, A, B, C, state, Q)
+        else: Y, state, _ = _ssd_forward(X, A, B, C, Q, state, grad)
     Y = Y[:, :, :l].transpose(1, 2).to(out_dtype)
     return (Y, state.view(b, h, n, p).transpose(-1, -2)) if return_final_states else Y
 
@@ -371,7 +373,7 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(u) or u.ndim != 3 or u.shape[-1] != self.d_model or not u.is_floating_point():
             raise ValueError(f"u: expected a float tensor [B, L, {self.d_model}], got {getattr(u, 'dtype', type(u))} {tuple(getattr(u, 'shape', ()))}")
-        if u.dtype != self.in_proj.weight.dtype:
+        if u.dtype != self.in_proj.weight.dtype and not torch.is_autocast_enabled(u.device.type):   # (autocast mixes them)
             raise TypeError(f"u: expected dtype {self.in_proj.weight.dtype} (the block's parameters), got {u.dtype}")
         L, G, N, H, P = u.shape[1], self.ngroups, self.d_state, self.nheads, self.headdim
         zxbcdt = self.in_proj(u)

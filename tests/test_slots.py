@@ -326,3 +326,17 @@ def test_bench_quick_is_json():
     for row in r['rows']:
         assert row['slot_attention_fwd_s'] > 0 and row['mamba_fwd_bwd_s'] > 0
         assert row['mamba_over_sa_fwd'] == pytest.approx(row['mamba_fwd_s'] / row['slot_attention_fwd_s'])
+
+
+def test_mamba_slot_attention_under_cpu_bf16_autocast():
+    "Accelerate's mixed_precision='bf16' wraps the forward in autocast: the Mamba blocks run and stay close to float32."
+    from spectraldiffusion.slots import MambaSlotAttention
+    torch.manual_seed(0)
+    m = MambaSlotAttention(64, 5)
+    x, init = torch.randn(2, 256, 64), torch.randn(2, 5, 64)
+    ref = m(x, init).slots
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m(x, init).slots
+    out.float().sum().backward()                        # backward outside autocast, as Accelerate does
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+    assert float((out.float() - ref).norm() / ref.norm()) < 0.02

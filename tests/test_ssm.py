@@ -440,3 +440,23 @@ def test_ssd_own_backward_gradcheck(monkeypatch):
     ins = [t.requires_grad_() for t in rand_ssd(b=1, l=11, h=2, p=2, n=3, seed=23)]
     assert torch.autograd.gradcheck(lambda x, a, b, c, s: ssd(x, a, b, c, 4, s, return_final_states=True), ins)
     assert calls
+
+
+@pytest.mark.parametrize("l,segment_bytes", [(300, 1 << 20), (300, 3000)])   # autograd path / own backward
+def test_ssd_under_autocast_computes_in_float32(monkeypatch, l, segment_bytes):
+    "Mixed precision (Accelerate's bf16 on the CPU) must not reach the scan: same numbers as without autocast."
+    monkeypatch.setattr(ssm_mod, "SEGMENT_BYTES", segment_bytes)
+    X, A, B, C, _ = (t.float() for t in rand_ssd(l=l, seed=31))
+    gY = torch.randn(2, l, 4, 3)
+    def run(autocast):                                  # forward under autocast, backward outside it (the AMP recipe)
+        ins = [t.clone().requires_grad_() for t in (X, A, B, C)]
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            Y = ssd(*ins, 16)
+        (Y.float() * gY).sum().backward()
+        return Y.detach(), [t.grad for t in ins]
+    Y0, g0 = run(False)
+    Y1, g1 = run(True)
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad(): Y2 = ssd(X, A, B, C, 16)
+    assert Y1.dtype == torch.float32 and torch.equal(Y0, Y1) and torch.equal(Y0, Y2)
+    for u, v in zip(g0, g1):
+        assert torch.equal(u, v)

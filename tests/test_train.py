@@ -125,3 +125,10 @@ def test_train_on_unlabelled_images(tmp_path):
     assert res['step'] == 2 and not any(k.startswith('val/') for k in res)
     p = sd('sd_evaluate', '--out', tmp_path / 'ev', '--checkpoint', run, '--data', tmp_path / 'tr' / 'images', check=False)
     assert p.returncode != 0 and 'no instance masks' in p.stderr
+
+
+def test_mamba_slots_train_in_bf16(tmp_path):
+    "optim.mixed_precision=bf16 (the GPU presets' setting; Accelerate autocasts on the CPU too) with Mamba slot attention."
+    sd('sd_train', '--config', 'demo', '--out', tmp_path / 'run', *TINY, 'slots.variant=mamba', 'optim.mixed_precision=bf16', 'optim.steps=3')
+    res = json.loads((tmp_path / 'run' / 'train_result.json').read_text())
+    assert res['step'] == 3 and all(v == v for v in res['train'].values()) and 0 <= res['val/fg_ari'] <= 1

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file, load_file
 
 # %% auto #0
-__all__ = ['rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint', 'warmup_cosine', 'EMA',
-           'batch_indices', 'validate', 'training_data', 'prepare_latents', 'log_images', 'fit', 'load_model', 'launch',
-           'main']
+__all__ = ['RESUME_MAY_CHANGE', 'rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'load_checkpoint',
+           'ResumeError', 'check_resumable', 'warmup_cosine', 'EMA', 'batch_indices', 'validate', 'training_data',
+           'prepare_latents', 'log_images', 'fit', 'load_model', 'launch', 'main']
 
 # %% ../nbs/10_train.ipynb #eec666db
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -113,6 +113,29 @@ def load_checkpoint(path, # run folder or checkpoint folder
     if restore_rng: set_rng_state(extra, meta['rng'])
     meta.update(ema=ema, path=str(path))
     return meta
+
+# %% ../nbs/10_train.ipynb #1e67e21a
+class ResumeError(ValueError):
+    "A run folder holds a run that this configuration cannot continue."
+
+RESUME_MAY_CHANGE = ('optim.steps', 'optim.max_minutes', 'log.') # what a resumed run may change: its length and logging
+
+def _flat(d: dict, pre: str = '') -> dict:
+    return {k2: v2 for k, v in d.items() for k2, v2 in (_flat(v, f'{pre}{k}.').items() if isinstance(v, dict) else [(f'{pre}{k}', v)])}
+
+def check_resumable(run, # run folder with a checkpoint
+                    cfg, # the configuration it would be resumed with
+                   ):
+    """Raise `ResumeError` when `cfg` differs from the configuration `run` started with, but for `RESUME_MAY_CHANGE`
+    (keys that a checkpoint from an older version lacks are not compared)."""
+    from omegaconf import OmegaConf
+    saved = _flat(json.loads((find_checkpoint(run) / 'state.json').read_text(encoding='utf-8'))['state'].get('config', {}))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    diff = sorted(k for k in saved if k in now and saved[k] != now[k] and not k.startswith(RESUME_MAY_CHANGE))
+    if diff:
+        shown = ', '.join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in diff[:5]) + (', …' if len(diff) > 5 else '')
+        raise ResumeError(f"out: {str(run)!r} holds a run started with another configuration ({shown}); resume it with its "
+                          f"own settings, pass --no-resume (resume=False) to start over there, or choose another output folder")
 
 # %% ../nbs/10_train.ipynb #9ad4d7f6
 def warmup_cosine(step: int, warmup: int, total: int, final_ratio: float = 0.0) -> float:
@@ -244,6 +267,7 @@ def fit(cfg, # a configuration from `load_config`
     from spectraldiffusion.data import make_loader
     t_start = time.time()
     out = pathlib.Path(out)
+    if resume and (out / 'checkpoint.json').exists(): check_resumable(out, cfg)            # before any costly work
     acc = Accelerator(mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if acc.is_main_process:
@@ -392,7 +416,8 @@ def main(argv: list[str] | None = None):
     a = p.parse_args(argv)
     try: cfg = load_config(a.config, a.overrides)
     except (KeyError, ValueError, FileNotFoundError) as e: p.error(str(e).strip('"'))
-    res = fit(cfg, a.out, resume=not a.no_resume)
+    try: res = fit(cfg, a.out, resume=not a.no_resume)
+    except ResumeError as e: p.error(str(e))
     print(json.dumps(res, indent=1))
 
 # %% ../nbs/10_train.ipynb #1b1c194f

@@ -132,3 +132,11 @@ def test_mamba_slots_train_in_bf16(tmp_path):
     sd('sd_train', '--config', 'demo', '--out', tmp_path / 'run', *TINY, 'slots.variant=mamba', 'optim.mixed_precision=bf16', 'optim.steps=3')
     res = json.loads((tmp_path / 'run' / 'train_result.json').read_text())
     assert res['step'] == 3 and all(v == v for v in res['train'].values()) and 0 <= res['val/fg_ari'] <= 1
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    sd('sd_train', '--config', 'demo', '--out', tmp_path, *TINY, 'optim.steps=2')
+    p = sd('sd_train', '--config', 'demo', '--out', tmp_path, *TINY, 'optim.steps=3', 'slots.dim=48', check=False)
+    assert p.returncode == 2 and 'slots.dim: 32 → 48' in p.stderr and '--no-resume' in p.stderr and 'Traceback' not in p.stderr
+    sd('sd_train', '--config', 'demo', '--out', tmp_path, *TINY, 'optim.steps=3')          # same settings, longer: resumes
+    assert json.loads((tmp_path / 'train_result.json').read_text())['step'] == 3

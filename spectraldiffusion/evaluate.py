@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None):
     p.add_argument('--data', default=None, help='a dataset to score on instead of the benchmark: a folder or file in any format data.open_dataset reads (sd_data export, COCO panoptic, Cityscapes, DAVIS-style video, TFRecord), or kind:path')
     p.add_argument('--variants', nargs='+', default=None, help=f'benchmark variants (default: the checkpoints\' training variant, else all of {list(data.VARIANTS)})')
     p.add_argument('--methods', nargs='+', default=None, help=f'baseline segmenters (default: every available one of {[m for m in SEGMENTERS if m != "checkpoint"]})')
-    p.add_argument('--n', type=int, default=100, help='test images per variant (default 100)')
+    p.add_argument('--n', type=int, default=None, help='images per variant (default 100 test images of the benchmark; all of --data)')
     a = p.parse_args(argv)
-    if a.n < 1: p.error('--n must be ≥ 1')
+    if a.n is not None and a.n < 1: p.error('--n must be ≥ 1')
     ckpts = _parse_named(a.checkpoint)
     try:
         variants = a.variants
@@ -325,7 +325,10 @@ def main(argv: list[str] | None = None):
             dataset = (pathlib.Path(a.data).name, opener(a.data) if opener else data.read_coco_panoptic(a.data))
             if len(dataset[1]) == 0 or 'instances' not in dataset[1][0]:
                 raise ValueError(f"--data: {a.data!r} has no instance masks to score against (a folder of unlabelled images?)")
-        res = baseline_report(a.out, variants, a.methods, a.n, checkpoints=ckpts, dataset=dataset)
+            if a.n is not None and a.n < len(dataset[1]):
+                from torch.utils.data import Subset
+                dataset = (dataset[0], Subset(dataset[1], range(a.n)))
+        res = baseline_report(a.out, variants, a.methods, a.n or 100, checkpoints=ckpts, dataset=dataset)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     print(json.dumps({v: {m: {k: round(x, 4) for k, x in r.items() if k in ('fg_ari', 'mbo', 'pq')} for m, r in vr.items()} for v, vr in res.items()}, indent=1))
     print(f"report: {pathlib.Path(a.out) / 'report.md'}")

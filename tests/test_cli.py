@@ -94,3 +94,10 @@ def test_segment_large_image_at_max_side(tmp_path):
         assert ((m == inside) == red).float().mean() > 0.999
     p = run('sd_segment', '--method', 'colour_kmeans', '--max-side', -1, '--input', tmp_path / 'in', '--out', tmp_path / 'c', check=False)
     assert p.returncode != 0 and '--max-side' in p.stderr
+
+
+def test_evaluate_data_respects_n(tmp_path):
+    run('sd_data', '--variant', 'multi_dsprites', '--n', 3, '--out', tmp_path / 'ds')
+    for extra, want in (([], 3), (['--n', 2], 2)):
+        run('sd_evaluate', '--out', tmp_path / f'ev{want}', '--data', tmp_path / 'ds', '--methods', 'one_segment', *extra)
+        assert json.loads((tmp_path / f'ev{want}' / 'metrics.json').read_text())['ds']['one_segment']['n_images'] == want

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_model.ipynb #221a2afb
 from __future__ import annotations
-import copy, pathlib
+import copy, inspect, pathlib
 import numpy as np
 from dataclasses import dataclass, field, asdict
 from typing import Any, List, Optional
@@ -161,6 +161,10 @@ def _validate(cfg: DictConfig) -> DictConfig:
     if sc and cfg.slots.num_slots < len(sc):
         raise ValueError(f"config key 'spectral.scales': {len(sc)} scales need at least as many slots, slots.num_slots={cfg.slots.num_slots}")
     if sc and cfg.slots.init != 'spectral': raise ValueError("config key 'spectral.scales': multi-scale initial slots need slots.init='spectral'")
+    if cfg.decoder.kind == 'broadcast':                                                 # its CNN doubles an 8×8 grid
+        side, init = cfg.data.image_size, inspect.signature(SpatialBroadcastDecoder).parameters['init_size'].default
+        if side % init or (side // init) & (side // init - 1):
+            raise ValueError(f"config key 'data.image_size': the broadcast decoder needs {init}·2^m pixels ({init}, {2 * init}, {4 * init}, …), got {side}")
     if cfg.decoder.kind == 'diffusion' and not cfg.decoder.vae_channels:
         raise ValueError("config key 'decoder.vae_channels': the diffusion decoder needs at least one autoencoder level")
     return cfg
